@@ -1,0 +1,1 @@
+"""Receive: the C-STORE listener, durable spool, study assembly, routing and dispatch."""

@@ -1,0 +1,1 @@
+"""Record: the audit database schema, migrations, pseudonyms, queries and metrics."""

@@ -1,0 +1,1 @@
+"""Classify: architectures, preprocessing, ROI, aggregation, Grad-CAM, model specs."""

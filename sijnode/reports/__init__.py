@@ -1,0 +1,1 @@
+"""Report: the TID 1500 SR, Grad-CAM secondary captures, KOS, and the sender."""

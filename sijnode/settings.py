@@ -1,0 +1,453 @@
+"""The one typed settings object of sijnode.
+
+Precedence (highest first): command line > ``SIJNODE_*`` environment > TOML file given
+with ``--config`` > defaults. Nested keys use ``__`` in the environment, e.g.
+``SIJNODE_NODE__AE_TITLE=SIJNODE``. Nothing is read at import time: call
+:func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from contextvars import ContextVar
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from sijnode.errors import ConfigurationError
+from sijnode.uids import DEFAULT_UID_ROOT, UID_PATTERN
+
+ENV_PREFIX = "SIJNODE_"
+ENV_NESTED_DELIMITER = "__"
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("sijnode_config_file", default=None)
+
+#: PS3.5 §6.2: AE titles are at most 16 characters of the default repertoire, no backslash
+#: or control characters, and not all spaces.
+_AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE_PATTERN.match(value) or not value.strip():
+        raise ValueError(
+            f"expected an AE title of 1 to 16 printable ASCII characters without backslash, "
+            f"got {value!r} ({len(value)} characters)"
+        )
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TLSSettings(_Section):
+    """TLS for the listener or a destination (PS3.15 Annex B.1, TLS secure transport)."""
+
+    enabled: bool = Field(False, description="Use TLS on this connection.")
+    cert_file: Path | None = Field(None, description="PEM certificate of this node.")
+    key_file: Path | None = Field(None, description="PEM private key of this node.")
+    ca_file: Path | None = Field(
+        None, description="PEM bundle of CAs trusted to sign the peer's certificate."
+    )
+    require_client_cert: bool = Field(
+        False, description="Listener only: require and verify a client certificate (mutual TLS)."
+    )
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("expected cert_file and key_file when TLS is enabled, got none")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("expected ca_file when require_client_cert is true, got none")
+        return self
+
+
+class NodeSettings(_Section):
+    """The DICOM listener (the SCP) and this node's identity."""
+
+    ae_title: str = Field("SIJNODE", description="AE title of the listener (≤ 16 characters).")
+    bind_address: str = Field("0.0.0.0", description="Address the listener binds to.")
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the listener.")
+    allowed_calling_ae_titles: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; empty allows any.",
+    )
+    allowed_addresses: list[str] = Field(
+        default_factory=list,
+        description="Source addresses or CIDR networks allowed to connect; empty allows any.",
+    )
+    tls: TLSSettings = Field(default_factory=TLSSettings)  # type: ignore[arg-type]
+    max_associations: int = Field(10, ge=1, le=1000, description="Concurrent associations.")
+    max_instances_per_association: int = Field(
+        0, ge=0, description="Instances accepted on one association; 0 means unlimited."
+    )
+    acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout in seconds.")
+    dimse_timeout: float = Field(30.0, gt=0, description="DIMSE timeout in seconds.")
+    network_timeout: float = Field(60.0, gt=0, description="Network idle timeout in seconds.")
+    maximum_pdu_size: int = Field(
+        0, ge=0, description="Maximum PDU size the listener receives; 0 means unlimited."
+    )
+    uid_root: str = Field(
+        DEFAULT_UID_ROOT,
+        description="UID root for every object sijnode creates (ends with a dot, ≤ 54 chars).",
+    )
+    site: str = Field("default", description="Site name recorded with every study.")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _ae_list(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"expected an IP address or CIDR network, got {item!r}") from exc
+        return value
+
+    @field_validator("bind_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"expected an IP address to bind to, got {value!r}") from exc
+        return value
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        if not value.endswith(".") or len(value) > 54 or not UID_PATTERN.match(value[:-1]):
+            raise ValueError(
+                f"expected a UID root that ends with '.' and is at most 54 characters, "
+                f"got {value!r}"
+            )
+        return value
+
+
+class StorageSettings(_Section):
+    """The spool where received instances are kept as their original bytes."""
+
+    spool_dir: Path = Field(Path("var/spool"), description="Spool directory.")
+    min_free_mb: int = Field(
+        1024, ge=0, description="Refuse instances (0xA700) below this free space, in MiB."
+    )
+
+
+class DatabaseSettings(_Section):
+    """The SQL audit database."""
+
+    url: str = Field(
+        "sqlite:///var/sijnode.db",
+        description="SQLAlchemy URL; PostgreSQL in production: postgresql+psycopg://...",
+    )
+    pseudonym_secret: str = Field(
+        "change-me",
+        description="Site secret for the HMAC pseudonyms of PatientID and AccessionNumber.",
+    )
+    allow_reidentification: bool = Field(
+        False,
+        description="Keep a table that maps pseudonyms back to identifiers (off by default).",
+    )
+    echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+
+
+class BrokerSettings(_Section):
+    """The Celery broker; empty means an embedded in-process worker."""
+
+    url: str = Field("", description="Broker URL, e.g. redis://127.0.0.1:6379/0; empty = embedded.")
+    result_backend: str = Field("", description="Celery result backend; empty = none.")
+    queue: str = Field("sijnode.jobs", description="Queue that the job task is sent to.")
+
+
+class CompletionSettings(_Section):
+    """When a study counts as complete (docs/study-completion.md)."""
+
+    quiet_seconds: float = Field(
+        30.0, gt=0, description="Complete after this long without a new instance."
+    )
+    content_quiet_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Shorter quiet period once the content says every series is complete.",
+    )
+    hard_cap_seconds: float = Field(
+        3600.0, gt=0, description="Complete at the latest this long after the first instance."
+    )
+    check_interval_seconds: float = Field(1.0, gt=0, description="How often studies are checked.")
+
+
+class RouteSettings(_Section):
+    """Which series of a study go to which pipeline. Unset criteria match anything."""
+
+    name: str = Field(..., description="Name of the route, recorded with each job.")
+    pipeline: str = Field(..., description="Pipeline that the selected series go to.")
+    modality: str = Field(..., description="Modality of the series (CT, MR).")
+    body_part: list[str] = Field(
+        default_factory=list, description="BodyPartExamined values accepted; empty = any."
+    )
+    series_description: str = Field(
+        "", description="Regular expression searched in SeriesDescription; empty = any."
+    )
+    image_type_original: bool = Field(
+        True, description="Only series whose ImageType starts with ORIGINAL."
+    )
+    orientation: Literal["any", "axial", "coronal", "sagittal", "oblique-coronal"] = Field(
+        "any", description="Slice orientation required."
+    )
+    min_slices: int = Field(1, ge=1, description="Minimum instances in the series.")
+    max_slices: int = Field(0, ge=0, description="Maximum instances in the series; 0 = no limit.")
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"expected a regular expression, got {value!r}: {exc}") from exc
+        return value
+
+
+def _default_routes() -> list[RouteSettings]:
+    return [
+        RouteSettings(name="ct-pelvis", pipeline="ct", modality="CT"),
+        RouteSettings(name="mr-sij", pipeline="mr", modality="MR"),
+    ]
+
+
+class GradCAMSettings(_Section):
+    """Grad-CAM explanations rendered as secondary captures."""
+
+    enabled: bool = Field(True, description="Emit Grad-CAM secondary captures.")
+    max_images: int = Field(8, ge=0, description="At most this many explained slices per study.")
+    threshold: float = Field(
+        0.3, ge=0, le=1, description="Heatmap values below this are not blended."
+    )
+    alpha: float = Field(0.4, ge=0, le=1, description="Opacity of the heatmap colour map.")
+
+
+class PipelineSettings(_Section):
+    """One inference pipeline: its model checkpoint and operating point."""
+
+    checkpoint: Path | None = Field(
+        None, description="Model checkpoint file; without one, jobs wait in the no_model state."
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Operating threshold; empty = the checkpoint's own."
+    )
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
+    batch_size: int = Field(16, ge=1, description="Slices per forward pass.")
+    gradcam: GradCAMSettings = Field(default_factory=GradCAMSettings)  # type: ignore[arg-type]
+
+
+def _default_pipelines() -> dict[str, PipelineSettings]:
+    return {"ct": PipelineSettings(), "mr": PipelineSettings()}  # type: ignore[call-arg]
+
+
+class DestinationSettings(_Section):
+    """A DICOM peer (usually the PACS) that results are sent to."""
+
+    name: str = Field(..., description="Name of the destination, used in the audit.")
+    ae_title: str = Field(..., description="AE title of the peer.")
+    host: str = Field(..., description="Host name or address of the peer.")
+    port: int = Field(104, ge=1, le=65535, description="TCP port of the peer.")
+    tls: TLSSettings = Field(default_factory=TLSSettings)  # type: ignore[arg-type]
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class DeliverySettings(_Section):
+    """Sending results back to PACS."""
+
+    max_attempts: int = Field(5, ge=1, description="Tries per delivery before dead-lettering.")
+    backoff_seconds: float = Field(
+        30.0, gt=0, description="First retry delay; doubles with every attempt."
+    )
+    shadow_mode: bool = Field(
+        False, description="Record results in the audit but send nothing to PACS."
+    )
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics endpoint."""
+
+    port: int = Field(9108, ge=0, le=65535, description="Metrics HTTP port; 0 disables.")
+    bind_address: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+
+
+class LoggingSettings(_Section):
+    """Structured logs (JSON lines) without patient identifiers."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    json_format: bool = Field(True, description="Write JSON lines; false = plain text.")
+
+
+class Settings(BaseSettings):
+    """Every setting of a sijnode process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(Path("var"), description="Directory for local state and models.")
+    node: NodeSettings = Field(default_factory=NodeSettings)  # type: ignore[arg-type]
+    storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # type: ignore[arg-type]
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)  # type: ignore[arg-type]
+    routes: list[RouteSettings] = Field(default_factory=_default_routes)
+    pipelines: dict[str, PipelineSettings] = Field(default_factory=_default_pipelines)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _routes_name_pipelines(self) -> Settings:
+        for route in self.routes:
+            if route.pipeline not in self.pipelines:
+                raise ValueError(
+                    f"route {route.name!r} names pipeline {route.pipeline!r}, "
+                    f"expected one of {sorted(self.pipelines)}"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Command line (init arguments) > environment > TOML file (see load_settings)."""
+        config_file = _CONFIG_FILE.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML settings file; errors name the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigurationError(f"settings file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"settings file {path} is not valid TOML: {exc}") from exc
+
+
+def environment_layer(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Return the ``SIJNODE_*`` variables as a nested dict of raw strings (for provenance)."""
+    env = os.environ if environ is None else environ
+    layer: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
+        node = layer
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[parts[-1]] = value
+    return layer
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    """Name the key, the value and what was expected for each invalid setting."""
+    lines = [f"invalid settings ({origin}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the validated settings: ``overrides`` (command line) > environment > file.
+
+    Raises :class:`ConfigurationError` with one line per invalid key.
+    """
+    if config_file is not None:
+        read_config_file(config_file)  # a missing or broken file is an error, not {}
+    origin = f"file {config_file}" if config_file else "defaults and environment"
+    token = _CONFIG_FILE.set(config_file)
+    try:
+        return Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigurationError(format_validation_error(exc, origin)) from exc
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def settings_provenance(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """Return the settings and, for each dotted key, where its value came from."""
+    settings = load_settings(config_file, overrides)
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        ("command line", overrides or {}),
+        ("environment", environment_layer()),
+        (f"file {config_file}", read_config_file(config_file) if config_file else {}),
+    ]
+    origins: dict[str, str] = {}
+    for key in flatten(settings.model_dump(mode="json")):
+        origins[key] = next(
+            (name for name, layer in layers if _has_key(layer, key.split("."))), "default"
+        )
+    return settings, origins
+
+
+def _has_key(layer: Mapping[str, Any], parts: list[str]) -> bool:
+    node: Any = layer
+    for part in parts:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit():
+            return True
+        else:
+            return not isinstance(node, Mapping) and node is not layer
+    return True
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts and lists into dotted keys (lists of dicts by index)."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = data
+    return out

@@ -1,0 +1,1 @@
+"""Synthetic sacroiliac-joint CT and MR studies with known truth, deterministic by seed."""

@@ -1,0 +1,1 @@
+"""Queue and run: the Celery application, the job task and the embedded worker."""

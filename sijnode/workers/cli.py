@@ -1,0 +1,9 @@
+"""Commands of the workers part."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this part's commands to the ``sijnode`` app."""
