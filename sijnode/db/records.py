@@ -1,0 +1,334 @@
+"""Writing audit rows: the one API that the listener, workers and delivery use.
+
+Every function works inside the caller's session and transaction (see
+:func:`sijnode.db.engine.transaction`) and appends its event to the ``events`` trail in
+that same transaction, so a state change and its audit record commit or fail together.
+Nothing here commits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sijnode.db.engine import record_event
+from sijnode.db.schema import (
+    Delivery,
+    DeliveryStatus,
+    EventType,
+    Job,
+    JobState,
+    JobTransition,
+    Output,
+    OutputKind,
+    Prediction,
+    SliceScore,
+    utcnow,
+)
+
+#: Job states after which the job does no more work; entering one sets ``finished_at``.
+TERMINAL_JOB_STATES = frozenset(
+    {JobState.DELIVERED, JobState.SHADOW, JobState.FAILED, JobState.SUPERSEDED}
+)
+
+#: Prediction levels the audit knows; ``study`` and ``subject`` feed the metrics.
+PREDICTION_LEVELS = ("study", "subject", "series")
+
+
+class SliceScoreInput(NamedTuple):
+    """One slice's score as handed to :func:`record_prediction`, in slice order."""
+
+    sop_instance_uid: str
+    score: float
+    filtered_score: float | None = None
+
+
+def as_utc(value: datetime) -> datetime:
+    """Return ``value`` as an aware UTC datetime; naive values (SQLite) are taken as UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _when(at: datetime | None) -> datetime:
+    return utcnow() if at is None else as_utc(at)
+
+
+def _check_unit(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected {name} between 0 and 1, got {value!r}")
+    return value
+
+
+def _extra(**detail: Any) -> dict[str, Any]:
+    """Event detail without the empty entries."""
+    return {k: v for k, v in detail.items() if v not in (None, "", [])}
+
+
+def _ensure_id(session: Session, job: Job) -> int:
+    if job.id is None:
+        session.add(job)
+        session.flush()
+    return job.id
+
+
+def set_job_state(
+    session: Session,
+    job: Job,
+    state: JobState,
+    detail: str | None = None,
+    *,
+    at: datetime | None = None,
+) -> JobTransition:
+    """Move ``job`` to ``state``: update the row, append a transition and a JOB_STATE event.
+
+    Entering a terminal state (delivered, shadow, failed, superseded) sets
+    ``finished_at``; ``at`` overrides the time (recovery, imports, tests).
+    """
+    state = JobState(state)
+    when = _when(at)
+    job_id = _ensure_id(session, job)
+    previous = job.state
+    job.state = state
+    job.updated_at = when
+    if state in TERMINAL_JOB_STATES:
+        job.finished_at = when
+    elif job.finished_at is not None and previous in TERMINAL_JOB_STATES:
+        job.finished_at = None  # re-run after a failure
+    if state is JobState.FAILED and detail:
+        job.error = detail
+    transition = JobTransition(job_id=job_id, state=state, at=when, detail=detail)
+    session.add(transition)
+    event = record_event(
+        session,
+        EventType.JOB_STATE,
+        study_id=job.study_id,
+        job_id=job_id,
+        state=state.value,
+        **_extra(previous=None if previous is None else JobState(previous).value, detail=detail),
+    )
+    event.at = when
+    return transition
+
+
+def mark_dispatched(
+    session: Session, job: Job, *, task_id: str | None = None, at: datetime | None = None
+) -> None:
+    """Record that ``job`` was handed to the queue: ``dispatched_at`` and JOB_DISPATCHED."""
+    when = _when(at)
+    job_id = _ensure_id(session, job)
+    job.dispatched_at = when
+    job.updated_at = when
+    event = record_event(
+        session,
+        EventType.JOB_DISPATCHED,
+        study_id=job.study_id,
+        job_id=job_id,
+        **_extra(task_id=task_id),
+    )
+    event.at = when
+
+
+def supersede_job(
+    session: Session, old: Job, new: Job, reason: str = "", *, at: datetime | None = None
+) -> None:
+    """Mark ``old`` superseded by ``new`` (late images, re-run): state, link and event."""
+    when = _when(at)
+    new_id = _ensure_id(session, new)
+    old_id = _ensure_id(session, old)
+    if old_id == new_id:
+        raise ValueError(f"a job cannot supersede itself (job {old_id})")
+    old.superseded_by_id = new_id
+    set_job_state(session, old, JobState.SUPERSEDED, reason or f"superseded by job {new_id}", at=at)
+    event = record_event(
+        session,
+        EventType.JOB_SUPERSEDED,
+        study_id=old.study_id,
+        job_id=old_id,
+        superseded_by=new_id,
+        **_extra(reason=reason),
+    )
+    event.at = when
+
+
+def record_prediction(
+    session: Session,
+    job: Job,
+    probability: float,
+    label: bool,
+    threshold: float,
+    *,
+    slice_scores: Iterable[SliceScoreInput | tuple[Any, ...]] = (),
+    level: str = "study",
+    aggregation: str | None = None,
+    at: datetime | None = None,
+) -> Prediction:
+    """Record a job's result with its per-slice scores (in slice order) and an event.
+
+    ``probability`` and ``threshold`` must lie in [0, 1]; ``level`` is one of
+    :data:`PREDICTION_LEVELS`; ``aggregation`` names the patch-to-subject step.
+    """
+    probability = _check_unit("probability", probability)
+    threshold = _check_unit("threshold", threshold)
+    if level not in PREDICTION_LEVELS:
+        raise ValueError(f"expected a prediction level in {PREDICTION_LEVELS}, got {level!r}")
+    when = _when(at)
+    job_id = _ensure_id(session, job)
+    prediction = Prediction(
+        job_id=job_id,
+        level=level,
+        probability=probability,
+        label=bool(label),
+        threshold=threshold,
+        aggregation=aggregation,
+        created_at=when,
+    )
+    session.add(prediction)
+    session.flush()
+    n_slices = 0
+    for index, item in enumerate(slice_scores):
+        entry = SliceScoreInput(*item)
+        score = float(entry.score)
+        if not math.isfinite(score):
+            raise ValueError(f"expected a finite score for slice {index}, got {entry.score!r}")
+        filtered = None if entry.filtered_score is None else float(entry.filtered_score)
+        session.add(
+            SliceScore(
+                prediction_id=prediction.id,
+                sop_instance_uid=str(entry.sop_instance_uid),
+                position_index=index,
+                score=score,
+                filtered_score=filtered,
+            )
+        )
+        n_slices += 1
+    event = record_event(
+        session,
+        EventType.PREDICTION_RECORDED,
+        study_id=job.study_id,
+        job_id=job_id,
+        prediction_id=prediction.id,
+        level=level,
+        probability=probability,
+        label=bool(label),
+        threshold=threshold,
+        slices=n_slices,
+        model_version=job.model_version,
+    )
+    event.at = when
+    return prediction
+
+
+def record_output(
+    session: Session,
+    job: Job,
+    kind: OutputKind,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    path: str | None = None,
+    *,
+    at: datetime | None = None,
+) -> Output:
+    """Record a DICOM object emitted for ``job`` (SR, SC, KOS) and an OUTPUT_RECORDED event."""
+    kind = OutputKind(kind)
+    when = _when(at)
+    job_id = _ensure_id(session, job)
+    output = Output(
+        job_id=job_id,
+        kind=kind,
+        sop_class_uid=str(sop_class_uid),
+        sop_instance_uid=str(sop_instance_uid),
+        series_instance_uid=str(series_instance_uid),
+        path=path,
+        created_at=when,
+    )
+    session.add(output)
+    event = record_event(
+        session,
+        EventType.OUTPUT_RECORDED,
+        study_id=job.study_id,
+        job_id=job_id,
+        kind=kind.value,
+        sop_class_uid=str(sop_class_uid),
+        sop_instance_uid=str(sop_instance_uid),
+    )
+    event.at = when
+    return output
+
+
+def get_or_create_delivery(
+    session: Session, job: Job, destination: str, *, at: datetime | None = None
+) -> Delivery:
+    """The delivery row of ``job`` to ``destination``, created pending if there is none."""
+    job_id = _ensure_id(session, job)
+    delivery = session.scalars(
+        select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
+    ).first()
+    if delivery is None:
+        delivery = Delivery(
+            job_id=job_id,
+            destination=destination,
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            created_at=_when(at),
+        )
+        session.add(delivery)
+        session.flush()
+    return delivery
+
+
+def record_delivery_attempt(
+    session: Session,
+    job: Job,
+    destination: str,
+    *,
+    success: bool,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+    sop_instance_uids: Sequence[str] = (),
+    at: datetime | None = None,
+) -> Delivery:
+    """Record one try to send ``job``'s outputs to ``destination``.
+
+    Success marks the delivery delivered. A failure with ``next_attempt_at`` marks it
+    retrying; a failure without one marks it dead (the caller decides when to give up).
+    """
+    if not success and not error:
+        raise ValueError("expected an error message for a failed delivery attempt, got none")
+    when = _when(at)
+    delivery = get_or_create_delivery(session, job, destination, at=at)
+    delivery.attempts = (delivery.attempts or 0) + 1
+    if success:
+        delivery.status = DeliveryStatus.DELIVERED
+        delivery.delivered_at = when
+        delivery.next_attempt_at = None
+        delivery.last_error = None
+    else:
+        delivery.last_error = error
+        if next_attempt_at is None:
+            delivery.status = DeliveryStatus.DEAD
+            delivery.next_attempt_at = None
+        else:
+            delivery.status = DeliveryStatus.RETRYING
+            delivery.next_attempt_at = as_utc(next_attempt_at)
+    event = record_event(
+        session,
+        EventType.DELIVERY_ATTEMPT,
+        study_id=job.study_id,
+        job_id=job.id,
+        delivery_id=delivery.id,
+        destination=destination,
+        attempt=delivery.attempts,
+        success=bool(success),
+        status=delivery.status.value,
+        **_extra(error=error, sop_instance_uids=list(sop_instance_uids)),
+    )
+    event.at = when
+    return delivery
