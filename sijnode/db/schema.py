@@ -202,6 +202,8 @@ class Series(Base):
     manufacturer_model_name: Mapped[str | None] = mapped_column(String(64))
     station_name: Mapped[str | None] = mapped_column(String(64))
     image_type: Mapped[str | None] = mapped_column(String(128))
+    #: Plane from ImageOrientationPatient: axial, coronal, sagittal or oblique-<plane>.
+    orientation: Mapped[str | None] = mapped_column(String(32))
     #: What the content says the series should hold (ImagesInAcquisition and the like).
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
