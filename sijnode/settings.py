@@ -9,19 +9,22 @@ with ``--config`` > defaults. Nested keys use ``__`` in the environment, e.g.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -66,8 +69,15 @@ class TLSSettings(_Section):
 
     @model_validator(mode="after")
     def _files_when_enabled(self) -> TLSSettings:
-        if self.enabled and (self.cert_file is None or self.key_file is None):
-            raise ValueError("expected cert_file and key_file when TLS is enabled, got none")
+        missing = [
+            name
+            for name in ("cert_file", "key_file")
+            if self.enabled and getattr(self, name) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"expected cert_file and key_file when TLS is enabled, missing {', '.join(missing)}"
+            )
         if self.require_client_cert and self.ca_file is None:
             raise ValueError("expected ca_file when require_client_cert is true, got none")
         return self
@@ -87,7 +97,7 @@ class NodeSettings(_Section):
         default_factory=list,
         description="Source addresses or CIDR networks allowed to connect; empty allows any.",
     )
-    tls: TLSSettings = Field(default_factory=TLSSettings)  # type: ignore[arg-type]
+    tls: TLSSettings = Field(default_factory=TLSSettings)
     max_associations: int = Field(10, ge=1, le=1000, description="Concurrent associations.")
     max_instances_per_association: int = Field(
         0, ge=0, description="Instances accepted on one association; 0 means unlimited."
@@ -253,11 +263,11 @@ class PipelineSettings(_Section):
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, description="Slices per forward pass.")
-    gradcam: GradCAMSettings = Field(default_factory=GradCAMSettings)  # type: ignore[arg-type]
+    gradcam: GradCAMSettings = Field(default_factory=GradCAMSettings)
 
 
 def _default_pipelines() -> dict[str, PipelineSettings]:
-    return {"ct": PipelineSettings(), "mr": PipelineSettings()}  # type: ignore[call-arg]
+    return {"ct": PipelineSettings(), "mr": PipelineSettings()}
 
 
 class DestinationSettings(_Section):
@@ -267,7 +277,7 @@ class DestinationSettings(_Section):
     ae_title: str = Field(..., description="AE title of the peer.")
     host: str = Field(..., description="Host name or address of the peer.")
     port: int = Field(104, ge=1, le=65535, description="TCP port of the peer.")
-    tls: TLSSettings = Field(default_factory=TLSSettings)  # type: ignore[arg-type]
+    tls: TLSSettings = Field(default_factory=TLSSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -309,24 +319,36 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(Path("var"), description="Directory for local state and models.")
-    node: NodeSettings = Field(default_factory=NodeSettings)  # type: ignore[arg-type]
-    storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)  # type: ignore[arg-type]
-    broker: BrokerSettings = Field(default_factory=BrokerSettings)  # type: ignore[arg-type]
-    completion: CompletionSettings = Field(default_factory=CompletionSettings)  # type: ignore[arg-type]
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
     routes: list[RouteSettings] = Field(default_factory=_default_routes)
     pipelines: dict[str, PipelineSettings] = Field(default_factory=_default_pipelines)
     destinations: list[DestinationSettings] = Field(default_factory=list)
-    delivery: DeliverySettings = Field(default_factory=DeliverySettings)  # type: ignore[arg-type]
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)  # type: ignore[arg-type]
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _keep_default_pipelines(cls, value: Any) -> Any:
+        """Pipelines are keyed by name: the ones given replace or add to ``ct`` and ``mr``.
+
+        Setting one pipeline (``SIJNODE_PIPELINES__CT__CHECKPOINT``) must not remove the
+        other one that a default route names.
+        """
+        if isinstance(value, Mapping):
+            return {**_default_pipelines(), **value}
+        return value
 
     @model_validator(mode="after")
     def _routes_name_pipelines(self) -> Settings:
-        for route in self.routes:
+        for index, route in enumerate(self.routes):
             if route.pipeline not in self.pipelines:
                 raise ValueError(
-                    f"route {route.name!r} names pipeline {route.pipeline!r}, "
+                    f"routes.{index}.pipeline = {route.pipeline!r} (route {route.name!r}): "
                     f"expected one of {sorted(self.pipelines)}"
                 )
         return self
@@ -359,33 +381,98 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"settings file {path} is not valid TOML: {exc}") from exc
 
 
-def environment_layer(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Return the ``SIJNODE_*`` variables as a nested dict of raw strings (for provenance)."""
-    env = os.environ if environ is None else environ
-    layer: dict[str, Any] = {}
-    for name, value in env.items():
+def environment_layer() -> dict[str, Any]:
+    """Return the ``SIJNODE_*`` variables as the settings parse them (nested, JSON decoded).
+
+    Variables that name no setting are left out. A complex value (list, table) that is not
+    valid JSON raises :class:`ConfigurationError` naming the variable.
+    """
+    try:
+        return EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        raise ConfigurationError(_describe_bad_environment(exc)) from exc
+
+
+def env_var_name(key: str) -> str:
+    """The environment variable of a dotted settings key: ``node.tls.enabled`` ->
+    ``SIJNODE_NODE__TLS__ENABLED``."""
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(key.split(".")).upper()
+
+
+def _setting_annotation(parts: Sequence[str]) -> Any:
+    """Type of the setting at ``parts`` (field names; table keys for ``dict`` settings).
+
+    Raises ``KeyError`` when the path names no setting.
+    """
+    annotation: Any = Settings
+    for part in parts:
+        if get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                raise KeyError(part)
+            annotation = field.annotation
+        else:
+            raise KeyError(part)
+    return annotation
+
+
+def _describe_bad_environment(exc: SettingsError) -> str:
+    lines = ["invalid settings:"]
+    for name, value in sorted(os.environ.items()):
         if not name.upper().startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
-        node = layer
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[parts[-1]] = value
-    return layer
-
-
-def format_validation_error(exc: ValidationError, origin: str) -> str:
-    """Name the key, the value and what was expected for each invalid setting."""
-    lines = [f"invalid settings ({origin}):"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"  {key}{shown}: {err['msg']}")
+        try:
+            annotation = _setting_annotation(parts)
+        except KeyError:
+            continue
+        origin = get_origin(annotation)
+        complex_type = origin in (list, dict) or (
+            isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        )
+        if not complex_type:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = '["..."]' if origin is list else '{"...": ...}'
+            lines.append(
+                f"  {'.'.join(parts)} = {value!r} (environment {name}): "
+                f"expected JSON, e.g. {example}"
+            )
+    if len(lines) == 1:
+        lines.append(f"  (environment): {exc}")
     return "\n".join(lines)
+
+
+def format_validation_error(
+    exc: ValidationError, layers: Sequence[tuple[str, Mapping[str, Any]]] = ()
+) -> str:
+    """Name the key, the value, where it came from and what was expected for each error."""
+    lines = ["invalid settings:"]
+    for err in exc.errors():
+        parts = [str(p) for p in err["loc"]]
+        value = err.get("input")
+        shown = "" if isinstance(value, (dict, BaseModel)) or not parts else f" = {value!r}"
+        source = next((name for name, layer in layers if parts and _has_key(layer, parts)), "")
+        where = f" ({source})" if source else ""
+        message = err["msg"].removeprefix("Value error, ")
+        key = ".".join(parts)
+        lines.append(f"  {key}{shown}{where}: {message}" if key else f"  {message}")
+    return "\n".join(lines)
+
+
+def _layers(
+    config_file: Path | None, overrides: Mapping[str, Any] | None
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """The sources in precedence order, each as the nested values it sets."""
+    return [
+        ("command line", overrides or {}),
+        ("environment", environment_layer()),
+        (f"file {config_file}", read_config_file(config_file) if config_file else {}),
+    ]
 
 
 def load_settings(
@@ -394,16 +481,15 @@ def load_settings(
 ) -> Settings:
     """Build the validated settings: ``overrides`` (command line) > environment > file.
 
-    Raises :class:`ConfigurationError` with one line per invalid key.
+    ``overrides`` is nested like the file: ``{"node": {"port": 11113}}``. Raises
+    :class:`ConfigurationError` with one line per invalid key.
     """
-    if config_file is not None:
-        read_config_file(config_file)  # a missing or broken file is an error, not {}
-    origin = f"file {config_file}" if config_file else "defaults and environment"
+    layers = _layers(config_file, overrides)  # a missing or broken file is an error, not {}
     token = _CONFIG_FILE.set(config_file)
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        raise ConfigurationError(format_validation_error(exc, origin)) from exc
+        raise ConfigurationError(format_validation_error(exc, layers)) from exc
     finally:
         _CONFIG_FILE.reset(token)
 
@@ -412,30 +498,35 @@ def settings_provenance(
     config_file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Settings, dict[str, str]]:
-    """Return the settings and, for each dotted key, where its value came from."""
+    """Return the settings and, for each dotted key of :func:`flatten`, where its value
+    came from: ``command line``, ``environment``, ``file PATH`` or ``default``."""
     settings = load_settings(config_file, overrides)
-    layers: list[tuple[str, Mapping[str, Any]]] = [
-        ("command line", overrides or {}),
-        ("environment", environment_layer()),
-        (f"file {config_file}", read_config_file(config_file) if config_file else {}),
-    ]
+    layers = _layers(config_file, overrides)
     origins: dict[str, str] = {}
     for key in flatten(settings.model_dump(mode="json")):
-        origins[key] = next(
-            (name for name, layer in layers if _has_key(layer, key.split("."))), "default"
-        )
+        parts = key.split(".")
+        origins[key] = next((name for name, layer in layers if _has_key(layer, parts)), "default")
     return settings, origins
 
 
-def _has_key(layer: Mapping[str, Any], parts: list[str]) -> bool:
+def _has_key(layer: Mapping[str, Any], parts: Sequence[str]) -> bool:
+    """Whether ``layer`` sets the value at ``parts``.
+
+    A list (``routes``, ``destinations``) is replaced whole by the source that sets it, so
+    every key inside it comes from that source; so does a whole section given as a model.
+    """
     node: Any = layer
     for part in parts:
-        if isinstance(node, Mapping) and part in node:
+        if isinstance(node, BaseModel):
+            return True
+        if isinstance(node, Mapping):
+            if part not in node:
+                return False
             node = node[part]
-        elif isinstance(node, list) and part.isdigit():
+        elif isinstance(node, list):
             return True
         else:
-            return not isinstance(node, Mapping) and node is not layer
+            return False
     return True
 
 
