@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +68,22 @@ def _root(
     ctx.obj = CliState(config)
 
 
+class OutputFormat(StrEnum):
+    """How ``config show`` prints."""
+
+    table = "table"
+    json = "json"
+
+
 @config_app.command("show")
 def config_show(
     ctx: typer.Context,
-    output_format: str = typer.Option("table", "--format", help="table or json."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="Output."),
 ) -> None:
     """Print the effective settings and where each value came from."""
     settings, origins = settings_provenance(state(ctx).config_file)
     values = flatten(settings.model_dump(mode="json"))
-    if output_format == "json":
+    if output_format is OutputFormat.json:
         typer.echo(
             json.dumps({k: {"value": v, "source": origins[k]} for k, v in values.items()}, indent=2)
         )
@@ -90,7 +98,7 @@ def config_check(
     ctx: typer.Context,
     file: Path | None = typer.Argument(None, help="Settings file (default: --config)."),
 ) -> None:
-    """Validate a settings file; exit 1 with one line per invalid key."""
+    """Validate the settings (file, then environment on top); exit 1 naming each bad key."""
     path = file or state(ctx).config_file
     load_settings(path)
     typer.echo(f"ok: {path or 'defaults'} is valid")
