@@ -15,8 +15,14 @@ from typing import Any
 import typer
 
 from sijnode import __version__
-from sijnode.errors import SijnodeError
-from sijnode.settings import Settings, flatten, load_settings, settings_provenance
+from sijnode.errors import ConfigurationError, SijnodeError
+from sijnode.settings import (
+    Settings,
+    flatten,
+    load_settings,
+    settings_provenance,
+    unknown_env_vars,
+)
 
 app = typer.Typer(
     name="sijnode",
@@ -101,6 +107,14 @@ def config_check(
     """Validate the settings (file, then environment on top); exit 1 naming each bad key."""
     path = file or state(ctx).config_file
     load_settings(path)
+    unknown = unknown_env_vars()
+    if unknown:
+        raise ConfigurationError(
+            "invalid settings:\n"
+            + "\n".join(
+                f"  {name} (environment): expected the name of a setting" for name in unknown
+            )
+        )
     typer.echo(f"ok: {path or 'defaults'} is valid")
 
 

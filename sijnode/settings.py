@@ -418,6 +418,38 @@ def _setting_annotation(parts: Sequence[str]) -> Any:
     return annotation
 
 
+#: ``SIJNODE_*`` variables that are not settings: the CLI's ``--config`` and the test suite's.
+NON_SETTING_ENV_VARS = re.compile(r"^SIJNODE_(CONFIG|TEST_\w*)$", re.IGNORECASE)
+
+
+def key_for_env_var(name: str) -> str | None:
+    """The dotted settings key that a ``SIJNODE_*`` variable sets, or ``None`` if none.
+
+    ``SIJNODE_NODE__TLS__ENABLED`` -> ``node.tls.enabled``; ``SIJNODE_PIPELINES__CT__DEVICE``
+    -> ``pipelines.ct.device``; ``SIJNODE_ROUTES`` (a JSON list) -> ``routes``.
+    """
+    if not name.upper().startswith(ENV_PREFIX):
+        return None
+    parts = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
+    try:
+        _setting_annotation(parts)
+    except KeyError:
+        return None
+    return ".".join(parts)
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``SIJNODE_*`` variables that name no setting (typos are otherwise ignored)."""
+    env = os.environ if environ is None else environ
+    return sorted(
+        name
+        for name in env
+        if name.upper().startswith(ENV_PREFIX)
+        and not NON_SETTING_ENV_VARS.match(name)
+        and key_for_env_var(name) is None
+    )
+
+
 def _describe_bad_environment(exc: SettingsError) -> str:
     lines = ["invalid settings:"]
     for name, value in sorted(os.environ.items()):
