@@ -1,0 +1,213 @@
+"""Dispatch: complete studies become committed job rows, then queue messages.
+
+Order (STYLE.md, messages): the job row and its events are committed first; only then is
+the message sent. A message that could not be sent leaves the job queued with no
+``dispatched_at``, and recovery sends it again. The job key is the content hash of the
+selected series plus the pipeline and model version, so re-sending an identical study
+creates no second job (it is recorded as a duplicate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from sijnode.daemon.routing import RouteMatch, SeriesFacts, route_study
+from sijnode.db.engine import record_event, transaction
+from sijnode.db.records import TERMINAL_JOB_STATES, mark_dispatched, set_job_state, supersede_job
+from sijnode.db.schema import (
+    EventType,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+)
+from sijnode.errors import SijnodeError
+from sijnode.logs import fields
+from sijnode.models.identity import ModelIdentity
+from sijnode.settings import Settings
+from sijnode.workers.messages import JobMessage
+from sijnode.workers.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+#: Pipeline name → its model identity (None: no model configured).
+ModelLookup = Callable[[str], ModelIdentity | None]
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """What dispatching one study did."""
+
+    created: list[int]
+    duplicates: list[int]
+    ignored_reason: str | None = None
+
+
+def job_key(instance_hashes: list[str], pipeline: str, model_version: str) -> str:
+    """Content hash of the selected series + pipeline + model version."""
+    digest = hashlib.sha256()
+    for sha in sorted(instance_hashes):
+        digest.update(sha.encode())
+    digest.update(f"|{pipeline}|{model_version}".encode())
+    return digest.hexdigest()
+
+
+def _selected_instances(session: Session, series_uid: str) -> list[Instance]:
+    """The newest copy of each SOP instance in a series, in slice order."""
+    rows = session.scalars(
+        select(Instance)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.series_instance_uid == series_uid)
+        .order_by(Instance.id)
+    ).all()
+    newest: dict[str, Instance] = {}
+    for row in rows:
+        newest[row.sop_instance_uid] = row
+    return sorted(
+        newest.values(),
+        key=lambda i: (
+            i.slice_position if i.slice_position is not None else float("inf"),
+            i.instance_number if i.instance_number is not None else 0,
+            i.sop_instance_uid,
+        ),
+    )
+
+
+def _series_facts(session: Session, study_id: int) -> list[SeriesFacts]:
+    counts = session.execute(
+        select(Series, func.count(func.distinct(Instance.sop_instance_uid)))
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
+        .group_by(Series.id)
+        .order_by(Series.id)
+    ).all()
+    return [SeriesFacts.of(series, int(n)) for series, n in counts]
+
+
+class Dispatcher:
+    """Turns complete studies into jobs and hands them to a queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        queue: JobQueue,
+        models: ModelLookup,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.queue = queue
+        self.models = models
+
+    def dispatch_study(self, study_id: int) -> DispatchResult:
+        """Route a complete study and create its jobs; then send the new ones."""
+        created: list[int] = []
+        duplicates: list[int] = []
+        with transaction(self.sessions) as session:
+            study = session.get_one(Study, study_id)
+            matches, reasons = route_study(self.settings.routes, _series_facts(session, study_id))
+            if not matches:
+                reason = "; ".join(reasons) or "no series"
+                study.state = StudyState.IGNORED
+                study.ignored_reason = reason[:2000]
+                record_event(session, EventType.STUDY_IGNORED, study_id=study_id, reason=reason)
+                log.info("study ignored: no route matched", extra=fields(study_id=study_id))
+                return DispatchResult([], [], reason)
+            for match in matches:
+                job, is_new = self._job_for(session, study, match)
+                (created if is_new else duplicates).append(job.id)
+            study.state = StudyState.DISPATCHED
+        for job_id in created:
+            self.send(job_id)
+        return DispatchResult(created, duplicates)
+
+    def _job_for(self, session: Session, study: Study, match: RouteMatch) -> tuple[Job, bool]:
+        pipeline = match.route.pipeline
+        try:
+            identity = self.models(pipeline)
+        except SijnodeError as exc:
+            # A broken model setting must not lose the study: the job waits as no_model.
+            log.error("model of pipeline unusable", extra=fields(pipeline=pipeline, error=str(exc)))
+            identity = None
+        version = identity.version if identity else "none"
+        instances = _selected_instances(session, match.series.series_instance_uid)
+        key = job_key([i.sha256 for i in instances], pipeline, version)
+        existing = session.scalars(select(Job).where(Job.job_key == key)).first()
+        if existing is not None:
+            record_event(
+                session,
+                EventType.JOB_DUPLICATE,
+                study_id=study.id,
+                job_id=existing.id,
+                job_key=key,
+                generation=study.generation,
+            )
+            log.info(
+                "identical study re-sent: no second job",
+                extra=fields(study_id=study.id, job_id=existing.id),
+            )
+            return existing, False
+        job = Job(
+            study_id=study.id,
+            job_key=key,
+            route=match.route.name,
+            pipeline=pipeline,
+            model_version=identity.version if identity else None,
+            weights_sha256=identity.weights_sha256 if identity else None,
+            series_uids=[match.series.series_instance_uid],
+            spool_paths=[i.spool_path for i in instances],
+            state=JobState.QUEUED,
+            shadow=self.settings.delivery.shadow_mode,
+            study_generation=study.generation,
+        )
+        session.add(job)
+        session.flush()
+        record_event(
+            session,
+            EventType.JOB_CREATED,
+            study_id=study.id,
+            job_id=job.id,
+            route=match.route.name,
+            pipeline=pipeline,
+            model_version=job.model_version,
+            instances=len(instances),
+        )
+        set_job_state(session, job, JobState.QUEUED, f"route {match.route.name}")
+        earlier = session.scalars(
+            select(Job).where(
+                Job.study_id == study.id,
+                Job.pipeline == pipeline,
+                Job.id != job.id,
+                Job.state != JobState.SUPERSEDED,
+            )
+        ).all()
+        for old in earlier:
+            supersede_job(session, old, job, f"study generation {study.generation}")
+        return job, True
+
+    def send(self, job_id: int) -> bool:
+        """Send the message of a committed job; False (and logged) if the queue failed."""
+        with transaction(self.sessions) as session:
+            job = session.get_one(Job, job_id)
+            if job.state in TERMINAL_JOB_STATES:
+                return False
+            message = JobMessage(job_id=job.id, pipeline=job.pipeline, spool_paths=job.spool_paths)
+        try:
+            task_id = self.queue.send(message)
+        except SijnodeError as exc:
+            log.error(
+                "job not sent; recovery will send it again",
+                extra=fields(job_id=job_id, error=str(exc)),
+            )
+            return False
+        with transaction(self.sessions) as session:
+            mark_dispatched(session, session.get_one(Job, job_id), task_id=task_id)
+        return True

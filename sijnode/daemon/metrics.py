@@ -1,0 +1,46 @@
+"""Prometheus metrics of the receiving node (LANDSCAPE.md, lead 8).
+
+One registry per node, passed in (no module-level collectors), served on
+``metrics.port``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class NodeMetrics:
+    """The node's counters and histograms."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.instances = Counter(
+            "sijnode_instances_received", "Instances received, by outcome", ["outcome"], registry=r
+        )
+        self.bytes = Counter("sijnode_bytes_received", "Bytes stored in the spool", registry=r)
+        self.associations = Counter(
+            "sijnode_associations", "Associations, by outcome", ["outcome"], registry=r
+        )
+        self.store_seconds = Histogram(
+            "sijnode_cstore_handling_seconds",
+            "Time to store and record one instance in the C-STORE handler",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.studies_completed = Counter(
+            "sijnode_studies_completed",
+            "Studies judged complete, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.jobs_dispatched = Counter(
+            "sijnode_jobs_dispatched", "Jobs created and sent", registry=r
+        )
+        self.studies_receiving = Gauge(
+            "sijnode_studies_receiving", "Studies still being received", registry=r
+        )
+
+    def serve(self, port: int, address: str) -> None:
+        """Start the HTTP endpoint in a daemon thread."""
+        start_http_server(port, addr=address, registry=self.registry)

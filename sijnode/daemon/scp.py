@@ -1,0 +1,337 @@
+"""The DICOM listener: Verification and Storage SCP (PS3.4 Annex A and B) on pynetdicom.
+
+The C-STORE handler is thin (STYLE.md): it hands the encoded bytes to the
+:class:`Ingestor` and maps every failure to a DIMSE status inside one error boundary,
+so the association and the node survive bad input. No decoding, no inference here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from sijnode.daemon.ingest import Ingestor, IngestOutcome
+from sijnode.daemon.metrics import NodeMetrics
+from sijnode.db.engine import record_event, transaction
+from sijnode.db.schema import Association, AssociationOutcome, EventType, utcnow
+from sijnode.errors import AuditError, DiskFullError, InvalidInstanceError, SijnodeError, SpoolError
+from sijnode.logs import fields
+from sijnode.settings import NodeSettings, TLSSettings
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses (PS3.4 Annex B.2.3 and PS3.7 Annex C).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ (PS3.8 §9.3.4): result, source, diagnostic.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+
+_UNCOMPRESSED = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Uncompressed syntaxes, plus every compressed one with an installed pydicom decoder."""
+    from pydicom.pixels import get_decoder
+
+    out = [str(uid) for uid in _UNCOMPRESSED]
+    for uid in ALL_TRANSFER_SYNTAXES:
+        if uid in out:
+            continue
+        try:
+            if get_decoder(UID(uid)).is_available:
+                out.append(str(uid))
+        except NotImplementedError:
+            continue
+    return out
+
+
+def ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """Server-side TLS context (PS3.15 Annex B.1), with client certificates if required."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert_file is not None and tls.key_file is not None  # checked by settings
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(str(tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+@dataclass
+class _AssocState:
+    db_id: int | None
+    calling_ae_title: str
+    instances: int = 0
+    failed: int = 0
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StorageSCP:
+    """The listener: allow-lists, association records and the C-STORE handler."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        ingestor: Ingestor,
+        metrics: NodeMetrics,
+    ) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.sessions = ingestor.sessions
+        self.metrics = metrics
+        self._networks = [ipaddress.ip_network(a, strict=False) for a in settings.allowed_addresses]
+        self._allowed_aets = {a.strip() for a in settings.allowed_calling_ae_titles}
+        self._assocs: dict[int, _AssocState] = {}
+        self._lock = threading.Lock()
+        self.server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.maximum_pdu_size = s.maximum_pdu_size
+        syntaxes = accepted_transfer_syntaxes()
+        ae.add_supported_context(Verification, syntaxes[:2])
+        for cx in StoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when the setting was 0 in tests)."""
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        """Start listening in background threads."""
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self._on_closed, [AssociationOutcome.RELEASED]),
+            (evt.EVT_ABORTED, self._on_closed, [AssociationOutcome.ABORTED]),
+            (evt.EVT_CONN_CLOSE, self._on_closed, [AssociationOutcome.ABORTED]),
+        ]
+        self.server = self.ae.start_server(
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context(self.settings.tls),
+        )
+        log.info(
+            "listening",
+            extra=fields(
+                ae_title=self.settings.ae_title,
+                address=self.settings.bind_address,
+                port=self.port,
+                tls=self.settings.tls.enabled,
+            ),
+        )
+
+    def stop(self) -> None:
+        """Stop accepting and close the server."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- association events -------------------------------------------------------------
+
+    def _address_allowed(self, address: str) -> bool:
+        if not self._networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        assert request is not None  # EVT_REQUESTED fires after the A-ASSOCIATE-RQ arrived
+        calling = str(request.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        reject: tuple[int, int, int] | None = None
+        reason = ""
+        if self._allowed_aets and calling not in self._allowed_aets:
+            reject, reason = REJECT_CALLING_AE, "calling AE title not allowed"
+        elif not self._address_allowed(address):
+            reject, reason = REJECT_NO_REASON, "source address not allowed"
+        if reject is None:
+            return
+        assoc.acse.send_reject(*reject)
+        self.metrics.associations.labels(outcome="rejected").inc()
+        log.warning(
+            "association rejected",
+            extra=fields(calling_ae_title=calling, address=address, reason=reason),
+        )
+        try:
+            with transaction(self.sessions) as session:
+                row = Association(
+                    calling_ae_title=calling[:16],
+                    called_ae_title=str(request.called_ae_title).strip()[:16],
+                    peer_address=address,
+                    peer_port=assoc.requestor.port,
+                    tls=self.settings.tls.enabled,
+                    ended_at=utcnow(),
+                    outcome=AssociationOutcome.REJECTED,
+                    reject_reason=reason,
+                )
+                session.add(row)
+                session.flush()
+                record_event(
+                    session, EventType.ASSOCIATION_REJECTED, association_id=row.id, reason=reason
+                )
+        except AuditError as exc:
+            log.error("could not record a rejected association", extra=fields(error=str(exc)))
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        db_id: int | None = None
+        try:
+            with transaction(self.sessions) as session:
+                row = Association(
+                    calling_ae_title=calling[:16],
+                    called_ae_title=str(assoc.acceptor.ae_title).strip()[:16],
+                    peer_address=str(assoc.requestor.address),
+                    peer_port=assoc.requestor.port,
+                    tls=self.settings.tls.enabled,
+                )
+                session.add(row)
+                session.flush()
+                record_event(session, EventType.ASSOCIATION_ACCEPTED, association_id=row.id)
+                db_id = row.id
+        except AuditError as exc:
+            log.error("could not record an association", extra=fields(error=str(exc)))
+        with self._lock:
+            self._assocs[id(assoc)] = _AssocState(db_id, calling)
+        self.metrics.associations.labels(outcome="accepted").inc()
+
+    def _on_closed(self, event: evt.Event, outcome: AssociationOutcome) -> None:
+        with self._lock:
+            state = self._assocs.pop(id(event.assoc), None)
+        if state is None or state.db_id is None:
+            return
+        try:
+            with transaction(self.sessions) as session:
+                row = session.get_one(Association, state.db_id)
+                row.ended_at = utcnow()
+                row.outcome = outcome
+                row.instances_received = state.instances
+                row.instances_failed = state.failed
+                row.bytes_received = state.bytes
+                record_event(
+                    session,
+                    EventType.ASSOCIATION_CLOSED,
+                    association_id=state.db_id,
+                    outcome=outcome.value,
+                    instances=state.instances,
+                    failed=state.failed,
+                )
+        except AuditError as exc:
+            log.error("could not close an association record", extra=fields(error=str(exc)))
+
+    # -- C-STORE ----------------------------------------------------------------------
+
+    def _state(self, assoc: PynetAssociation) -> _AssocState:
+        with self._lock:
+            state = self._assocs.get(id(assoc))
+            if state is None:
+                state = _AssocState(None, str(assoc.requestor.ae_title).strip())
+                self._assocs[id(assoc)] = state
+            return state
+
+    def handle_store(self, event: evt.Event) -> int:
+        """Store and record one instance; the status says whether it is safe with us."""
+        started = time.perf_counter()
+        state = self._state(event.assoc)
+        limit = self.settings.max_instances_per_association
+        status = SUCCESS
+        size = 0
+        if limit and state.instances >= limit:
+            exc = SijnodeError(f"association limit of {limit} instances reached")
+            self.metrics.store_seconds.observe(time.perf_counter() - started)
+            return self._refuse(event, state, OUT_OF_RESOURCES, exc)
+        try:
+            data = event.encoded_dataset()
+            size = len(data)
+            result = self.ingestor.ingest(data, state.db_id, state.calling_ae_title)
+        except DiskFullError as exc:
+            status = self._refuse(event, state, OUT_OF_RESOURCES, exc)
+        except InvalidInstanceError as exc:
+            status = self._refuse(event, state, CANNOT_UNDERSTAND, exc)
+        except (SpoolError, AuditError) as exc:
+            status = self._refuse(event, state, OUT_OF_RESOURCES, exc)
+        except Exception as exc:
+            log.exception("C-STORE failed unexpectedly", extra=fields(error=str(exc)))
+            status = self._refuse(event, state, PROCESSING_FAILURE, exc)
+        else:
+            with state.lock:
+                state.instances += 1
+                if result.outcome is not IngestOutcome.DUPLICATE:
+                    state.bytes += size
+            self.metrics.instances.labels(outcome=result.outcome.value).inc()
+            if result.outcome is not IngestOutcome.DUPLICATE:
+                self.metrics.bytes.inc(size)
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        return status
+
+    def _refuse(self, event: evt.Event, state: _AssocState, status: int, exc: BaseException) -> int:
+        with state.lock:
+            state.failed += 1
+        self.metrics.instances.labels(outcome="refused").inc()
+        sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
+        log.error(
+            "instance refused",
+            extra=fields(status=f"0x{status:04X}", sop_instance_uid=sop_uid, error=str(exc)),
+        )
+        try:
+            with transaction(self.sessions) as session:
+                record_event(
+                    session,
+                    EventType.INSTANCE_REFUSED,
+                    association_id=state.db_id,
+                    status=f"0x{status:04X}",
+                    sop_instance_uid=sop_uid,
+                    error=str(exc)[:500],
+                    kind=type(exc).__name__,
+                )
+        except SijnodeError as audit_exc:
+            log.error("could not record a refused instance", extra=fields(error=str(audit_exc)))
+        return status

@@ -1,0 +1,133 @@
+"""The spool: every received instance kept durably as its original bytes.
+
+A file is written to a temporary name, fsynced, renamed into place, and its directory
+fsynced (so a crash leaves either the whole file or nothing under its final name). Paths
+are built only from UIDs that pass the PS3.5 §9.1 grammar, plus a content-hash suffix so
+two different objects under one SOP Instance UID are both kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sijnode.errors import DiskFullError, InvalidInstanceError, SpoolError
+from sijnode.uids import is_valid_uid
+
+TMP_DIR = ".tmp"
+SUFFIX = ".dcm"
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """Where an instance was written, relative to the spool root, and its hash."""
+
+    relpath: str
+    sha256: str
+    size: int
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 of the exact bytes received."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class Spool:
+    """A directory tree ``<study>/<series>/<sop>.<hash16>.dcm`` under ``root``."""
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / TMP_DIR).mkdir(exist_ok=True)
+
+    def relpath_for(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+        """The spool path of an instance; refuses anything that is not a valid UID."""
+        for name, uid in (
+            ("StudyInstanceUID", study_uid),
+            ("SeriesInstanceUID", series_uid),
+            ("SOPInstanceUID", sop_uid),
+        ):
+            if not is_valid_uid(uid):
+                raise InvalidInstanceError(f"{name} is not a valid UID (PS3.5 §9.1): {uid!r}")
+        return f"{study_uid}/{series_uid}/{sop_uid}.{sha256[:16]}{SUFFIX}"
+
+    def free_bytes(self) -> int:
+        """Free space on the spool's filesystem."""
+        return shutil.disk_usage(self.root).free
+
+    def check_free_space(self, incoming: int) -> None:
+        """Raise DiskFullError when writing ``incoming`` bytes would pass the minimum."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise DiskFullError(
+                f"spool has {free // 2**20} MiB free, below the minimum of "
+                f"{self.min_free_bytes // 2**20} MiB; instance refused"
+            )
+
+    def write(self, relpath: str, data: bytes, sha256: str) -> SpooledFile:
+        """Write ``data`` atomically at ``relpath``; idempotent if the file exists."""
+        final = self.root / relpath
+        if final.exists() and final.stat().st_size == len(data):
+            return SpooledFile(relpath, sha256, len(data))
+        self.check_free_space(len(data))
+        if not final.parent.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(final.parent.parent)
+            _fsync_dir(self.root)
+        tmp = self.root / TMP_DIR / f"{sha256}.{os.getpid()}.{id(data)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"spool filesystem is full: {exc.strerror}") from exc
+            raise SpoolError(f"could not write {relpath}: {exc.strerror}") from exc
+        return SpooledFile(relpath, sha256, len(data))
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a spooled file."""
+        return self.root / relpath
+
+    def read(self, relpath: str) -> bytes:
+        """The original bytes of a spooled instance."""
+        return (self.root / relpath).read_bytes()
+
+    def iter_files(self) -> list[str]:
+        """Every spooled instance, as relative paths (temporary files excluded)."""
+        out = []
+        for path in self.root.rglob(f"*{SUFFIX}"):
+            rel = path.relative_to(self.root)
+            if rel.parts[0] != TMP_DIR:
+                out.append(rel.as_posix())
+        return sorted(out)
+
+    def remove_partial_files(self) -> int:
+        """Delete leftovers of writes interrupted by a crash; they were never acknowledged."""
+        count = 0
+        for path in (self.root / TMP_DIR).glob("*.part"):
+            path.unlink(missing_ok=True)
+            count += 1
+        return count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,49 @@
+"""Which model a pipeline runs: the checkpoint file and its hash.
+
+The job key includes the model version, so a re-sent study with the same content and the
+same weights never runs twice, while new weights give a new job (LANDSCAPE.md, lead 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sijnode.errors import ConfigurationError
+from sijnode.settings import PipelineSettings
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """A pipeline's model as recorded with every job."""
+
+    pipeline: str
+    checkpoint: Path
+    weights_sha256: str
+
+    @property
+    def version(self) -> str:
+        """Short, stable version string: pipeline name and weights hash prefix."""
+        return f"{self.pipeline}-{self.weights_sha256[:12]}"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(pipeline: str, settings: PipelineSettings | None) -> ModelIdentity | None:
+    """The configured model of ``pipeline``, or None when no checkpoint is set."""
+    if settings is None or settings.checkpoint is None:
+        return None
+    path = settings.checkpoint
+    if not path.is_file():
+        raise ConfigurationError(
+            f"pipelines.{pipeline}.checkpoint = {str(path)!r}: expected an existing file"
+        )
+    return ModelIdentity(pipeline, path, file_sha256(path))

@@ -1,0 +1,91 @@
+"""The job task body, shared by the Celery task and the embedded worker.
+
+Idempotent: a job that already reached a terminal state, or was superseded, is left as
+it is, so a re-delivered message (``acks_late``, recovery) does no harm. A pipeline with
+no model configured puts the job in the ``no_model`` state: it is kept, not dropped, and
+``sijnode serve`` sends it again at start-up once a model is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from sijnode.db.engine import transaction
+from sijnode.db.records import TERMINAL_JOB_STATES, set_job_state
+from sijnode.db.schema import Job, JobState
+from sijnode.errors import SijnodeError
+from sijnode.logs import fields
+from sijnode.models.identity import ModelIdentity
+from sijnode.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: A pipeline implementation: runs a job whose model is known, returns the final state.
+PipelineRunner = Callable[["WorkerContext", Job, ModelIdentity], JobState]
+
+
+@dataclass
+class WorkerContext:
+    """What a worker holds for its whole life: settings, sessions, loaded pipelines."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    runners: dict[str, PipelineRunner]
+    hostname: str = socket.gethostname()
+
+
+def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
+    """Run job ``job_id`` once; return the state it ends in."""
+    from sijnode.models.identity import model_identity
+
+    with transaction(ctx.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise SijnodeError(f"job {job_id} does not exist in the audit database")
+        if job.state in TERMINAL_JOB_STATES:
+            log.info("job already finished", extra=fields(job_id=job_id, state=job.state.value))
+            return job.state
+        pipeline = job.pipeline
+        job.worker_host = ctx.hostname
+        job.attempts = (job.attempts or 0) + 1
+        set_job_state(session, job, JobState.RUNNING, f"attempt {job.attempts}")
+    started = time.perf_counter()
+    runner = ctx.runners.get(pipeline)
+    try:
+        identity = model_identity(pipeline, ctx.settings.pipelines.get(pipeline))
+    except SijnodeError as exc:
+        identity = None
+        reason = str(exc)
+    else:
+        reason = (
+            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.checkpoint"
+            if identity is None
+            else f"pipeline {pipeline!r} has no implementation in this worker"
+        )
+    if identity is None or runner is None:
+        with transaction(ctx.sessions) as session:
+            job = session.get_one(Job, job_id)
+            set_job_state(session, job, JobState.NO_MODEL, reason)
+        log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
+        return JobState.NO_MODEL
+    with transaction(ctx.sessions) as session:
+        job = session.get_one(Job, job_id)
+    try:
+        final = runner(ctx, job, identity)
+    except SijnodeError as exc:
+        with transaction(ctx.sessions) as session:
+            job = session.get_one(Job, job_id)
+            set_job_state(session, job, JobState.FAILED, str(exc))
+        log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
+        return JobState.FAILED
+    log.info(
+        "job finished",
+        extra=fields(job_id=job_id, state=final.value, seconds=time.perf_counter() - started),
+    )
+    return final
