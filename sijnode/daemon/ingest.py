@@ -15,6 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
@@ -97,17 +98,26 @@ class Ingestor:
                 return IngestResult(
                     IngestOutcome.DUPLICATE, duplicate.study_id, duplicate.id, duplicate.spool_path
                 )
+            newly_written = not self.spool.path(relpath).exists()
             self.spool.write(relpath, data, sha)
-            return self._record(
-                session,
-                header,
-                sha,
-                len(data),
-                relpath,
-                association_id,
-                calling_ae_title,
-                received_at or utcnow(),
-            )
+            try:
+                result = self._record(
+                    session,
+                    header,
+                    sha,
+                    len(data),
+                    relpath,
+                    association_id,
+                    calling_ae_title,
+                    received_at or utcnow(),
+                )
+                session.commit()
+            except SQLAlchemyError:
+                # Not recorded, so not acknowledged: keep the spool equal to the audit.
+                if newly_written:
+                    self.spool.path(relpath).unlink(missing_ok=True)
+                raise
+            return result
 
     def record_spooled(self, relpath: str) -> IngestResult | None:
         """Record a spooled file that has no row (a crash between write and commit)."""

@@ -194,7 +194,6 @@ class StorageSCP:
             reject, reason = REJECT_NO_REASON, "source address not allowed"
         if reject is None:
             return
-        assoc.acse.send_reject(*reject)
         self.metrics.associations.labels(outcome="rejected").inc()
         log.warning(
             "association rejected",
@@ -219,6 +218,10 @@ class StorageSCP:
                 )
         except AuditError as exc:
             log.error("could not record a rejected association", extra=fields(error=str(exc)))
+        # As pynetdicom's own ACSE does: send the A-ASSOCIATE-RJ, then wait for the DUL to
+        # deliver it and the peer to close, before the server shuts the socket.
+        assoc.acse.send_reject(*reject)
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc

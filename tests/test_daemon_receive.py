@@ -1,0 +1,281 @@
+"""The listener with real peers on loopback: echo, assembly, allow-lists, disk, duplicates."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select, text
+
+from sijnode.daemon.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from sijnode.db.schema import (
+    Association,
+    AssociationOutcome,
+    Event,
+    EventType,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+)
+from tests.conftest import require_tool
+from tests.nodes import count, node_settings, running_node, send, wait_for
+from tests.studies import dataset_part, encode, make_series, make_study, write
+
+
+def _study_state(node, uid: str) -> StudyState | None:
+    with node.sessions() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == uid)).first()
+        return study.state if study else None
+
+
+def _jobs(node) -> list[Job]:
+    with node.sessions() as s:
+        return list(s.scalars(select(Job).order_by(Job.id)).all())
+
+
+def test_c_echo_with_dcmtk(tmp_path: Path) -> None:
+    echoscu = require_tool("echoscu")
+    settings = node_settings(tmp_path)
+    with running_node(settings) as node:
+        proc = subprocess.run(
+            [echoscu, "-aec", "SIJNODE", "127.0.0.1", str(node.scp.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_two_series_over_several_associations_dispatched_once(tmp_path: Path) -> None:
+    storescu = require_tool("storescu")
+    study = make_study("two-series", series=2, n=5)
+    uid = str(study[0].StudyInstanceUID)
+    settings = node_settings(tmp_path)
+    with running_node(settings) as node:
+        # series 1 with DCMTK, series 2 split over two pynetdicom associations
+        files = write(study[:5], tmp_path / "s1")
+        proc = subprocess.run(
+            [storescu, "-aet", "DCMTK", "-aec", "SIJNODE", "127.0.0.1", str(node.scp.port)]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert send(study[5:7], node.scp.port) == [SUCCESS, SUCCESS]
+        assert send(study[7:], node.scp.port) == [SUCCESS] * 3
+        wait_for(lambda: _study_state(node, uid) == StudyState.DISPATCHED)
+        wait_for(lambda: all(j.state == JobState.NO_MODEL for j in _jobs(node)))
+        assert count(node, Study) == 1
+        assert count(node, Instance) == 10
+        jobs = _jobs(node)
+        assert len(jobs) == 1
+        # the CT route picks one of the two series (the pipeline reads one series)
+        assert len(jobs[0].spool_paths) == 5
+        assert jobs[0].pipeline == "ct"
+        with node.sessions() as s:
+            reason = s.scalars(select(Study.completion_reason)).one()
+        assert reason == "content"  # ImagesInAcquisition was met before the quiet timer
+        # the bytes in the spool are the bytes sent
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+            by_uid = {r.sop_instance_uid: r.spool_path for r in rows}
+        for ds in study[5:]:
+            spooled = node.spool.read(by_uid[str(ds.SOPInstanceUID)])
+            assert dataset_part(spooled) == dataset_part(encode(ds))
+
+
+def test_unrouted_study_is_ignored_with_reason(tmp_path: Path) -> None:
+    study = make_study("no-route", n=3)
+    for ds in study:
+        ds.Modality = "OT"
+    settings = node_settings(tmp_path)
+    with running_node(settings) as node:
+        assert send(study, node.scp.port) == [SUCCESS] * 3
+        uid = str(study[0].StudyInstanceUID)
+        wait_for(lambda: _study_state(node, uid) == StudyState.IGNORED)
+        with node.sessions() as s:
+            reason = s.scalars(select(Study.ignored_reason)).one()
+        assert "modality OT is not CT" in reason
+        assert _jobs(node) == []
+
+
+def test_calling_ae_title_not_allowed_is_rejected(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, node={"allowed_calling_ae_titles": ["PACS"]})
+    with running_node(settings) as node:
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        wait_for(lambda: count(node, Association, Association.outcome == "released") == 1)
+        with node.sessions() as s:
+            rejected = s.scalars(
+                select(Association).where(Association.outcome == AssociationOutcome.REJECTED)
+            ).one()
+        assert rejected.calling_ae_title == "INTRUDER"
+        assert rejected.reject_reason == "calling AE title not allowed"
+
+
+def test_source_address_not_allowed_is_rejected(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, node={"allowed_addresses": ["10.0.0.0/8"]})
+    with running_node(settings) as node:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)
+        assert count(node, Event, Event.type == EventType.ASSOCIATION_REJECTED) == 1
+    allowed = node_settings(tmp_path / "ok", node={"allowed_addresses": ["127.0.0.0/8"]})
+    with running_node(allowed) as node:
+        assert send(make_study("addr-ok", n=1), node.scp.port) == [SUCCESS]
+
+
+def test_minimum_free_space_refuses_without_partial_files(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, storage={"min_free_mb": 10**9})
+    with running_node(settings) as node:
+        statuses = send(make_study("disk-full", n=3), node.scp.port)
+        assert statuses == [OUT_OF_RESOURCES] * 3
+        assert node.spool.iter_files() == []
+        assert list((tmp_path / "spool" / ".tmp").iterdir()) == []
+        assert count(node, Instance) == 0
+        assert count(node, Event, Event.type == EventType.INSTANCE_REFUSED) == 3
+        # the node is still up
+        ae = AE()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path):
+    """A real 1 MiB tmpfs, so writes hit ENOSPC (needs root, as in CI)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {proc.stderr.decode()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_filesystem_gives_failure_status_and_no_partial_files(
+    tmp_path: Path, tiny_filesystem: Path
+) -> None:
+    settings = node_settings(
+        tmp_path, storage={"spool_dir": str(tiny_filesystem / "spool"), "min_free_mb": 0}
+    )
+    # 256×256 int16 ≈ 128 KiB per slice: the 1 MiB filesystem fills after a few
+    study = make_series("enospc", "1.2.3.4", 1, 12, rows=256)
+    with running_node(settings) as node:
+        statuses = send(study, node.scp.port)
+        assert SUCCESS in statuses and OUT_OF_RESOURCES in statuses
+        stored = statuses.count(SUCCESS)
+        assert count(node, Instance) == stored
+        assert len(node.spool.iter_files()) == stored
+        assert list((tiny_filesystem / "spool" / ".tmp").iterdir()) == []
+        # every acknowledged instance is complete and byte-identical
+        with node.sessions() as s:
+            for row in s.scalars(select(Instance)).all():
+                ds = next(d for d in study if str(d.SOPInstanceUID) == row.sop_instance_uid)
+                assert dataset_part(node.spool.read(row.spool_path)) == dataset_part(encode(ds))
+
+
+def test_invalid_uid_is_refused_and_node_stays_up(tmp_path: Path) -> None:
+    study = make_study("bad-uid", n=2)
+    study[0].SOPInstanceUID = "1.2.03.abc"
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(study, node.scp.port) == [CANNOT_UNDERSTAND, SUCCESS]
+        assert count(node, Instance) == 1
+        paths = node.spool.iter_files()
+        assert len(paths) == 1 and "abc" not in paths[0]
+
+
+def test_duplicate_resend_creates_no_second_job(tmp_path: Path) -> None:
+    study = make_study("dup", n=4)
+    uid = str(study[0].StudyInstanceUID)
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(study, node.scp.port) == [SUCCESS] * 4
+        wait_for(lambda: _study_state(node, uid) == StudyState.DISPATCHED)
+        assert send(study, node.scp.port) == [SUCCESS] * 4
+        wait_for(lambda: count(node, Event, Event.type == EventType.JOB_DUPLICATE) == 1)
+        assert count(node, Instance) == 4
+        assert count(node, Event, Event.type == EventType.INSTANCE_DUPLICATE) == 4
+        assert len(_jobs(node)) == 1
+        assert _study_state(node, uid) == StudyState.DISPATCHED
+
+
+def test_same_uid_different_bytes_keeps_both(tmp_path: Path) -> None:
+    study = make_study("conflict", n=2)
+    other = make_study("conflict", n=2)
+    other[0].SeriesDescription = "changed"
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(study, node.scp.port) == [SUCCESS] * 2
+        assert send(other[:1], node.scp.port) == [SUCCESS]
+        uid = str(study[0].SOPInstanceUID)
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).all()
+        assert len(rows) == 2 and all(r.conflict for r in rows)
+        assert {dataset_part(node.spool.read(r.spool_path)) for r in rows} == {
+            dataset_part(encode(study[0])),
+            dataset_part(encode(other[0])),
+        }
+        assert count(node, Event, Event.type == EventType.INSTANCE_CONFLICT) == 1
+
+
+def test_late_instances_reopen_and_supersede(tmp_path: Path) -> None:
+    study_uid = "1.2.826.0.1.3680043.8.498.999"
+    series = make_series("late", study_uid, 1, 6, images_in_acquisition=None)
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(series[:4], node.scp.port) == [SUCCESS] * 4
+        wait_for(lambda: _study_state(node, study_uid) == StudyState.DISPATCHED)
+        first = _jobs(node)[0]
+        assert len(first.spool_paths) == 4
+        assert send(series[4:], node.scp.port) == [SUCCESS] * 2
+        wait_for(lambda: len(_jobs(node)) == 2)
+        wait_for(lambda: _study_state(node, study_uid) == StudyState.DISPATCHED)
+        old, new = _jobs(node)
+        assert old.state == JobState.SUPERSEDED and old.superseded_by_id == new.id
+        assert len(new.spool_paths) == 6 and new.study_generation == 2
+        assert count(node, Event, Event.type == EventType.STUDY_REOPENED) == 1
+
+
+def test_database_that_cannot_be_written_refuses_instances(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path)
+    with running_node(settings) as node:
+        engine = node.sessions.kw["bind"]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE TRIGGER fail_insert BEFORE INSERT ON instances "
+                    "BEGIN SELECT RAISE(ABORT, 'simulated write failure'); END"
+                )
+            )
+        statuses = send(make_study("db-down", n=2), node.scp.port)
+        assert statuses == [OUT_OF_RESOURCES] * 2
+        assert node.spool.iter_files() == []
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail_insert"))
+        assert send(make_study("db-up", n=1), node.scp.port) == [SUCCESS]
+
+
+def test_per_association_limit(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, node={"max_instances_per_association": 2})
+    with running_node(settings) as node:
+        assert send(make_study("limit", n=3), node.scp.port) == [SUCCESS, SUCCESS, OUT_OF_RESOURCES]
