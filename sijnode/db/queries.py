@@ -472,8 +472,8 @@ def study_timeline(session: Session, study_uid: str) -> list[dict[str, Any]]:
     """Everything that happened to one study, oldest first.
 
     The milestones ``received``, ``complete``, ``dispatched``, ``inferred``, ``reported``
-    and ``delivered`` come from the study, job, transition and delivery rows; the other
-    entries are the study's and its jobs' events.
+    and ``delivered`` come from the study, job, transition and delivery rows and the
+    events; every other event of the study and its jobs is listed as ``event:<type>``.
     """
     study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
     if study is None:
@@ -484,25 +484,49 @@ def study_timeline(session: Session, study_uid: str) -> list[dict[str, Any]]:
         if at is not None:
             entries.append({"at": as_utc(at), "stage": stage, "job_id": job_id, "detail": detail})
 
-    add(study.first_received_at, "received", None, "first instance")
-    add(study.last_received_at, "last_received", None, "last instance")
-    add(
-        study.completed_at,
-        "complete",
-        None,
-        ", ".join(x for x in (f"generation {study.generation}", study.completion_reason) if x),
-    )
     jobs = list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)))
     job_ids = [j.id for j in jobs]
+    event_cond = Event.study_id == study.id
+    if job_ids:
+        event_cond = or_(event_cond, Event.job_id.in_(job_ids))
+    events = list(session.scalars(select(Event).where(event_cond).order_by(Event.id)))
+    by_type: dict[EventType, list[Event]] = defaultdict(list)
+    for ev in events:
+        by_type[EventType(ev.type)].append(ev)
+
+    add(study.first_received_at, "received", None, "first instance")
+    add(study.last_received_at, "last_received", None, "last instance so far")
+    completions = by_type.get(EventType.STUDY_COMPLETE, [])
+    for ev in completions:
+        add(ev.at, "complete", None, _detail(ev.detail))
+    if not completions:
+        add(study.completed_at, "complete", None, study.completion_reason or "")
+    for ev in by_type.get(EventType.STUDY_REOPENED, []):
+        add(ev.at, "reopened", None, _detail(ev.detail))
+    dispatches: dict[int | None, list[Event]] = defaultdict(list)
+    for ev in by_type.get(EventType.JOB_DISPATCHED, []):
+        dispatches[ev.job_id].append(ev)
     for job in jobs:
         add(
             job.created_at,
             "job_created",
             job.id,
             f"{job.route}/{job.pipeline} model {job.model_version or '-'}"
-            + (" shadow" if job.shadow else ""),
+            + (" shadow" if job.shadow else "")
+            + f", generation {job.study_generation}",
         )
-        add(job.dispatched_at, "dispatched", job.id, f"attempts {job.attempts}")
+        for ev in dispatches.get(job.id, []):
+            add(ev.at, "dispatched", job.id, _detail(ev.detail))
+        if not dispatches.get(job.id):
+            add(job.dispatched_at, "dispatched", job.id, "")
+    attempted: set[int] = set()
+    for ev in by_type.get(EventType.DELIVERY_ATTEMPT, []):
+        info = ev.detail or {}
+        attempted.add(int(info.get("delivery_id", -1)))
+        outcome = info.get("status", "ok" if info.get("success") else "failed")
+        error = f" ({info['error']})" if info.get("error") else ""
+        where = f"{info.get('destination', '?')} attempt {info.get('attempt', '?')}"
+        add(ev.at, "delivery_attempt", ev.job_id, f"{where}: {outcome}{error}")
     if job_ids:
         for tr in session.scalars(
             select(JobTransition)
@@ -519,38 +543,32 @@ def study_timeline(session: Session, study_uid: str) -> list[dict[str, Any]]:
                 f"threshold={pred.threshold:.4f}",
             )
         for out in session.scalars(select(Output).where(Output.job_id.in_(job_ids))):
-            add(
-                out.created_at,
-                "output",
-                out.job_id,
-                f"{out.kind.value} {out.sop_instance_uid}",
-            )
+            add(out.created_at, "output", out.job_id, f"{out.kind.value} {out.sop_instance_uid}")
         for d in session.scalars(select(Delivery).where(Delivery.job_id.in_(job_ids))):
-            add(
-                d.delivered_at,
-                "delivery",
-                d.job_id,
-                f"{d.destination} delivered after {d.attempts} attempt(s)",
-            )
-    skip = {
+            if d.id not in attempted:
+                add(d.delivered_at, "delivery_attempt", d.job_id, f"{d.destination}: delivered")
+    shown = {
+        EventType.STUDY_COMPLETE,
+        EventType.STUDY_REOPENED,
+        EventType.JOB_CREATED,
+        EventType.JOB_DISPATCHED,
         EventType.JOB_STATE,
         EventType.PREDICTION_RECORDED,
         EventType.OUTPUT_RECORDED,
-        EventType.JOB_DISPATCHED,
+        EventType.DELIVERY_ATTEMPT,
     }
-    event_cond = Event.study_id == study.id
-    if job_ids:
-        event_cond = or_(event_cond, Event.job_id.in_(job_ids))
-    for ev in session.scalars(select(Event).where(event_cond).order_by(Event.id)):
-        if ev.type in skip:
-            continue
-        detail = ", ".join(f"{k}={v}" for k, v in (ev.detail or {}).items())
-        add(ev.at, f"event:{EventType(ev.type).value}", ev.job_id, detail)
+    for ev in events:
+        if EventType(ev.type) not in shown:
+            add(ev.at, f"event:{EventType(ev.type).value}", ev.job_id, _detail(ev.detail))
     entries.sort(key=lambda e: e["at"])
     start = as_utc(study.first_received_at)
     for e in entries:
         e["elapsed_s"] = round((e["at"] - start).total_seconds(), 3)
     return entries
+
+
+def _detail(detail: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (detail or {}).items())
 
 
 TIMELINE_COLUMNS = ("at", "elapsed_s", "stage", "job_id", "detail")

@@ -63,7 +63,9 @@ def validation_cases(
     group_by: GroupBy = GroupBy.none,
     reader: str | None = None,
 ) -> tuple[list[ValidationCase], dict[str, int]]:
-    """The (result, truth) pairs for the matching studies, and counts of studies left out.
+    """The (result, truth) pairs for the matching studies, and counts of studies left out:
+    results without truth (``no_truth``), tied readers (``readers_tied``), and labelled
+    studies without a matching result (``truth_without_result``).
 
     ``flt`` selects studies by receive time, site and sender, and results by pipeline,
     model version, route and shadow mode (``state`` and ``delivery`` are not used).
@@ -105,7 +107,10 @@ def validation_cases(
             ):
                 series_by_study[s.study_id].append(s)
 
-    truth, tied = truth_consensus(session, {uid for uid, _ in latest}, reader=reader)
+    study_uids = set(
+        session.scalars(select(Study.study_instance_uid).where(Study.id.in_(study_ids)))
+    )
+    truth, tied = truth_consensus(session, study_uids, reader=reader)
     cases: list[ValidationCase] = []
     excluded: Counter[str] = Counter()
     for (uid, _), (pred, job, study) in sorted(
@@ -136,6 +141,10 @@ def validation_cases(
                 job_id=job.id,
             )
         )
+    with_result = {uid for uid, _ in latest}
+    missing = (set(truth) | tied) - with_result
+    if missing:
+        excluded["truth_without_result"] = len(missing)
     return cases, dict(excluded)
 
 
