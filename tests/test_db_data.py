@@ -1,5 +1,8 @@
 """A filled audit database for the db tests, written through the schema and the records API.
 
+Other test modules import the fixtures by their function names (``audit_fixture``,
+``scenario_fixture``); pytest knows them as ``audit`` and ``scenario``.
+
 ``fill_scenario`` writes six studies whose every time is known, so queries, timelines
 and latency percentiles can be checked exactly; ``fill_validation`` writes many studies
 with random scores and truth for the metrics tests.
@@ -372,16 +375,16 @@ def fill_validation(
     return {"truth": truth, "prob": prob, "pred": prob >= 0.5, "site": site, "version": version}
 
 
-@pytest.fixture
-def audit(db_url: str) -> Iterator[Audit]:
+@pytest.fixture(name="audit")
+def audit_fixture(db_url: str) -> Iterator[Audit]:
     """A migrated, empty audit database on SQLite and on PostgreSQL."""
     a = open_audit(db_url)
     yield a
     a.engine.dispose()
 
 
-@pytest.fixture
-def scenario(audit: Audit) -> Audit:
+@pytest.fixture(name="scenario")
+def scenario_fixture(audit: Audit) -> Audit:
     """The audit filled with :func:`fill_scenario`."""
     fill_scenario(audit)
     return audit
