@@ -489,11 +489,25 @@ def format_validation_error(
         value = err.get("input")
         shown = "" if isinstance(value, (dict, BaseModel)) or not parts else f" = {value!r}"
         source = next((name for name, layer in layers if parts and _has_key(layer, parts)), "")
+        if source == "environment":
+            source = f"environment {_env_var_setting(parts)}".rstrip()
         where = f" ({source})" if source else ""
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "expected a known key, got one that is not a setting (a typo?)"
         key = ".".join(parts)
         lines.append(f"  {key}{shown}{where}: {message}" if key else f"  {message}")
     return "\n".join(lines)
+
+
+def _env_var_setting(parts: Sequence[str]) -> str:
+    """The ``SIJNODE_*`` variable that set the value at ``parts`` (maybe a JSON parent)."""
+    names = {name.upper(): name for name in os.environ}
+    for end in range(len(parts), 0, -1):
+        name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts[:end]).upper()
+        if name in names:
+            return names[name]
+    return ""
 
 
 def _layers(
