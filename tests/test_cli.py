@@ -1,0 +1,119 @@
+"""The ``sijnode`` command tree: version, help everywhere, no placeholder commands.
+
+The tree is walked from the real app after every part has registered, so a command added
+later is covered without touching this file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+import sijnode
+from sijnode import cli
+
+SIJNODE = Path(sys.executable).with_name("sijnode")
+
+#: Help texts that mean "not written yet".
+PLACEHOLDERS = re.compile(r"^\s*(todo|tbd|fixme|xxx|placeholder|not implemented|\.\.\.)\b", re.I)
+
+
+def root_command() -> Any:
+    """The click command behind ``sijnode``, with every part's commands registered."""
+    cli._register_parts()
+    return typer.main.get_command(cli.app)
+
+
+def command_tree() -> dict[tuple[str, ...], Any]:
+    """Every command and group by its path below ``sijnode``: ``()`` is the root."""
+    tree: dict[tuple[str, ...], Any] = {}
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        tree[path] = command
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(root_command(), ())
+    return tree
+
+
+def is_group(command: Any) -> bool:
+    return bool(getattr(command, "commands", None))
+
+
+TREE = command_tree()
+PATHS = sorted(TREE)
+
+
+def _id(path: tuple[str, ...]) -> str:
+    return " ".join(("sijnode", *path))
+
+
+def test_version_in_process() -> None:
+    result = CliRunner().invoke(cli.app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"sijnode {sijnode.__version__}"
+
+
+def test_version_of_the_installed_command() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIJNODE_")}
+    result = subprocess.run(
+        [str(SIJNODE), "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"sijnode {sijnode.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", sijnode.__version__)
+
+
+def test_tree_has_the_known_commands() -> None:
+    assert {("config",), ("config", "show"), ("config", "check")} <= set(TREE)
+    assert is_group(TREE[()]) and is_group(TREE[("config",)])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[_id(p) for p in PATHS])
+def test_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(cli.app, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    usage = re.search(r"Usage: (\S+(?: [a-z][\w-]*)*)", result.output)
+    assert usage is not None, result.output
+    assert usage.group(1) == " ".join(("sijnode", *path)), result.output
+    for name in getattr(TREE[path], "commands", {}):
+        assert name in result.output, f"{name} is not listed in the help of {_id(path)}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[_id(p) for p in PATHS])
+def test_no_placeholder_commands(path: tuple[str, ...]) -> None:
+    command = TREE[path]
+    text = (command.help or command.short_help or "").strip()
+    assert text, f"`{_id(path)}` has no help text"
+    assert not PLACEHOLDERS.match(text), f"`{_id(path)}` has a placeholder help: {text!r}"
+    if path and not is_group(command):
+        assert command.callback is not None, f"`{_id(path)}` does nothing"
+    if is_group(command):
+        assert command.commands, f"group `{_id(path)}` has no commands"
+    for param in command.params:
+        if param.param_type_name == "option" and param.name != "help":
+            assert (param.help or "").strip(), f"{_id(path)} {param.opts[0]} has no help text"
+
+
+def test_help_of_the_installed_command() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIJNODE_")}
+    result = subprocess.run(
+        [str(SIJNODE), "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for name in TREE[()].commands:
+        assert name in result.stdout
+
+
+def test_unknown_command_fails() -> None:
+    result = CliRunner().invoke(cli.app, ["no-such-command"])
+    assert result.exit_code == 2
