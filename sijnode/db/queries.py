@@ -341,7 +341,7 @@ def list_jobs(
     stmt = jobs_select(flt).order_by(Job.created_at.desc(), Job.id.desc())
     if limit:
         stmt = stmt.limit(limit)
-    pairs = list(session.execute(stmt).tuples())
+    pairs = list(session.execute(stmt).all())
     job_ids = [job.id for job, _ in pairs]
     predictions = latest_predictions(session, job_ids)
     deliveries = _deliveries(session, job_ids)
@@ -421,7 +421,7 @@ def list_predictions(
     )
     if limit:
         stmt = stmt.limit(limit)
-    triples = list(session.execute(stmt).tuples())
+    triples = list(session.execute(stmt).all())
     slices: dict[int, list[dict[str, Any]]] = defaultdict(list)
     pred_ids = sorted({p.id for p, _, _ in triples})
     for chunk in _chunks(pred_ids):
@@ -580,7 +580,7 @@ TIMELINE_COLUMNS = ("at", "elapsed_s", "stage", "job_id", "detail")
 def job_milestones(session: Session, flt: AuditFilter) -> list[dict[str, datetime | None]]:
     """Per matching job: when its study was received and completed, and when the job was
     dispatched, inferred, reported and delivered (first time each; None if never)."""
-    pairs = list(session.execute(jobs_select(flt)).tuples())
+    pairs = list(session.execute(jobs_select(flt)).all())
     job_ids = [j.id for j, _ in pairs]
     first: dict[tuple[int, JobState], datetime] = {}
     delivered_at: dict[int, list[datetime | None]] = defaultdict(list)

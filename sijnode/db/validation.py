@@ -94,7 +94,7 @@ def validation_cases(
         .order_by(Prediction.created_at, Prediction.id)
     )
     latest: dict[tuple[str, str | None], tuple[Prediction, Job, Study]] = {}
-    for pred, job, study in session.execute(stmt).tuples():
+    for pred, job, study in session.execute(stmt):
         key_version = job.model_version if group_by is GroupBy.model_version else None
         latest[(study.study_instance_uid, key_version)] = (pred, job, study)
 
