@@ -69,7 +69,7 @@ def send(
     """Send datasets on one association with pynetdicom; return the status of each."""
     ae = AE(ae_title=calling_ae)
     ae.requested_contexts = StoragePresentationContexts[:100]
-    tls_args = (ssl_context, "") if ssl_context is not None else None
+    tls_args = (ssl_context, "127.0.0.1") if ssl_context is not None else None
     assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE", tls_args=tls_args)
     if not assoc.is_established:
         raise ConnectionError(f"association not established (rejected={assoc.is_rejected})")
