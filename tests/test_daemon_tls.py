@@ -24,15 +24,55 @@ def _openssl(*args: str, cwd: Path) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", "san.ext",
-                 "-out", f"{name}.pem", cwd=d)  # fmt: skip
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=d,
+        )
     return d
 
 
@@ -74,8 +114,10 @@ def _echo(port: int, ctx: ssl.SSLContext | None) -> bool:
 def test_tls_accepted_and_plain_refused(tmp_path: Path, pki: Path) -> None:
     with running_node(_tls_settings(tmp_path, pki, mutual=False)) as node:
         assert _echo(node.scp.port, _client_context(pki, with_cert=False))
-        assert send(make_study("tls", n=2), node.scp.port,
-                    ssl_context=_client_context(pki, False)) == [SUCCESS] * 2  # fmt: skip
+        assert (
+            send(make_study("tls", n=2), node.scp.port, ssl_context=_client_context(pki, False))
+            == [SUCCESS] * 2
+        )
         assert not _echo(node.scp.port, None), "a plain association must be refused"
 
 
@@ -98,7 +140,7 @@ def test_dcmtk_echoscu_over_tls(tmp_path: Path, pki: Path) -> None:
                 str(pki / "ca.pem"),
                 "127.0.0.1",
                 str(node.scp.port),
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             timeout=30,

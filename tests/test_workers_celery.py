@@ -51,10 +51,14 @@ def test_worker_process_runs_jobs_from_redis(tmp_path: Path, redis_url: str, pg_
             assert job.worker_host == socket.gethostname()
             assert job.dispatched_at is not None
             with node.sessions() as s:
-                states = [t.state for t in s.scalars(
-                    select(JobTransition).where(JobTransition.job_id == job.id)
-                    .order_by(JobTransition.id)
-                )]  # fmt: skip
+                states = [
+                    t.state
+                    for t in s.scalars(
+                        select(JobTransition)
+                        .where(JobTransition.job_id == job.id)
+                        .order_by(JobTransition.id)
+                    )
+                ]
             assert states == [JobState.QUEUED, JobState.RUNNING, JobState.NO_MODEL]
     finally:
         worker.terminate()
