@@ -32,10 +32,12 @@ def write_roc_png(
         fpr, tpr, _ = roc_curve([c.truth for c in items], [c.probability for c in items])
         auc = report.metric("roc_auc")
         ci = "" if math.isnan(auc.ci_low) else f" [{auc.ci_low:.3f}, {auc.ci_high:.3f}]"
-        ax.step(fpr, tpr, where="post", label=f"{report.group}: AUC {auc.estimate:.3f}{ci}")
+        # Straight segments between operating points: with tied scores this is the
+        # curve whose area is the Mann–Whitney AUC.
+        ax.plot(fpr, tpr, label=f"{report.group}: AUC {auc.estimate:.3f}{ci}")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("1 − specificity (false positive rate)")
     ax.set_ylabel("Sensitivity (true positive rate)")
     ax.set_title("ROC (research use only)")
@@ -60,8 +62,8 @@ def write_calibration_png(reports: Sequence[MetricsReport], path: Path) -> Path:
             label=f"{report.group} (n={report.n}, Brier {report.brier:.3f})",
         )
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="perfect")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("Mean predicted probability")
     ax.set_ylabel("Observed fraction positive")
     ax.set_title("Calibration (research use only)")
