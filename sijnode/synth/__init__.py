@@ -45,7 +45,20 @@ _EXPORTS = {
     "Tissue": "sijnode.synth.truth",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DatasetManifest",
+    "RoiBox",
+    "Side",
+    "SliceTruth",
+    "SynthStudy",
+    "Tissue",
+    "generate_ct_study",
+    "generate_dataset",
+    "generate_mr_study",
+    "plan_subjects",
+    "write_dataset",
+    "write_study",
+]
 
 
 def __getattr__(name: str) -> Any:
