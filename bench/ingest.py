@@ -1,0 +1,299 @@
+"""Ingest benchmark: sijnode's listener against a bare pynetdicom SCP, side by side.
+
+DCMTK ``storescu`` sends 300 CT slices of 512×512 (int16) to each receiver in turn, on
+one association and then on 4 concurrent associations (75 slices each). The bare SCP
+only writes the received bytes to disk; sijnode stores them durably (fsync + rename),
+records them in the audit database (SQLite and PostgreSQL) and assembles the study.
+Rounds are interleaved and the median is reported, because these machines are noisy.
+
+    .venv/bin/python bench/ingest.py --rounds 3 --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from sqlalchemy import create_engine, text
+
+from sijnode.daemon.node import Node
+from sijnode.daemon.scp import accepted_transfer_syntaxes
+from sijnode.db.migrate import upgrade
+from sijnode.settings import load_settings
+from sijnode.uids import DEFAULT_UID_ROOT, make_uid
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def make_slices(folder: Path, n: int = 300, size: int = 512) -> list[Path]:
+    """``n`` axial CT slices as files (one series), ~0.5 MB each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study = make_uid(DEFAULT_UID_ROOT, ["bench", "study"])
+    series = make_uid(DEFAULT_UID_ROOT, ["bench", "series"])
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 1500, (size, size), dtype=np.int16)
+    paths = []
+    for i in range(1, n + 1):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = make_uid(DEFAULT_UID_ROOT, ["bench", str(i)])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID = "BENCH^PATIENT", "BENCH-1"
+        ds.Modality, ds.BodyPartExamined, ds.ImageType = "CT", "PELVIS", ["ORIGINAL", "PRIMARY"]
+        ds.SeriesNumber, ds.InstanceNumber, ds.ImagesInAcquisition = 1, i, n
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.roll(pixels, i, axis=0).tobytes()
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class Run:
+    """One measured transfer."""
+
+    receiver: str
+    associations: int
+    seconds: float
+    instances: int
+    megabytes: float
+    handler_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def p95_ms(self) -> float:
+        return float(np.percentile(self.handler_ms, 95))
+
+
+def storescu(port: int, files: list[Path], associations: int) -> float:
+    """Send ``files`` with DCMTK storescu over ``associations`` parallel processes."""
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", "SIJNODE", "127.0.0.1", str(port), *map(str, chunk)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+@contextmanager
+def bare_scp(root: Path) -> Iterator[tuple[int, list[float]]]:
+    """A minimal pynetdicom SCP that writes the raw bytes and nothing else."""
+    times: list[float] = []
+    root.mkdir(parents=True, exist_ok=True)
+
+    def handle(event: evt.Event) -> int:
+        t0 = time.perf_counter()
+        data = event.encoded_dataset()
+        (root / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(data)
+        times.append((time.perf_counter() - t0) * 1000)
+        return 0
+
+    ae = AE(ae_title="SIJNODE")
+    ae.maximum_pdu_size = 0
+    syntaxes = accepted_transfer_syntaxes()
+    for cx in StoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    )
+    try:
+        yield int(server.server_address[1]), times
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def sijnode_scp(root: Path, db_url: str) -> Iterator[tuple[int, list[float]]]:
+    """The real node (embedded worker), with the C-STORE handler timed."""
+    upgrade(db_url)
+    settings = load_settings(
+        overrides={
+            "database": {"url": db_url},
+            "storage": {"spool_dir": str(root / "spool"), "min_free_mb": 100},
+            "node": {"port": _free_port(), "bind_address": "127.0.0.1", "max_associations": 8},
+            "metrics": {"port": 0},
+            "completion": {"quiet_seconds": 600, "content_quiet_seconds": 600},
+        }
+    )
+    node = Node(settings)
+    times: list[float] = []
+    handle = node.scp.handle_store
+
+    def timed(event: evt.Event) -> int:
+        t0 = time.perf_counter()
+        status = handle(event)
+        times.append((time.perf_counter() - t0) * 1000)
+        return status
+
+    node.scp.handle_store = timed  # type: ignore[method-assign]
+    node.start()
+    try:
+        yield node.scp.port, times
+    finally:
+        node.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fresh_pg_schema(name: str) -> str:
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'drop schema if exists "{name}" cascade'))
+        conn.execute(text(f'create schema "{name}"'))
+    engine.dispose()
+    return f"{PG_URL}?options=-csearch_path%3D{name}"
+
+
+def measure(
+    name: str,
+    receiver: Callable[[Path], object],
+    files: list[Path],
+    associations: int,
+    workdir: Path,
+) -> Run:
+    with receiver(workdir) as (port, times):  # type: ignore[attr-defined]
+        seconds = storescu(port, files, associations)
+        time.sleep(0.2)
+        instances = len(times)
+    size = sum(p.stat().st_size for p in files) / 1e6
+    return Run(name, associations, seconds, instances, size, list(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        files = make_slices(tmp / "slices", args.slices)
+        receivers: dict[str, Callable[[Path], object]] = {
+            "bare pynetdicom SCP": lambda d: bare_scp(d / "bare"),
+            "sijnode (SQLite)": lambda d: sijnode_scp(d, f"sqlite:///{d / 'audit.db'}"),
+            "sijnode (PostgreSQL)": lambda d: sijnode_scp(d, _fresh_pg_schema(f"bench_{d.name}")),
+        }
+        runs: list[Run] = []
+        counter = 0
+        for associations in (1, 4):
+            for _ in range(args.rounds):
+                for name, receiver in receivers.items():
+                    counter += 1
+                    workdir = tmp / f"r{counter}"
+                    workdir.mkdir()
+                    run = measure(name, receiver, files, associations, workdir)
+                    if run.instances != len(files):
+                        raise RuntimeError(f"{name}: {run.instances} of {len(files)} received")
+                    runs.append(run)
+                    print(
+                        f"{name:24s} assoc={associations} {run.per_second:7.1f} inst/s "
+                        f"p95={run.p95_ms:6.2f} ms",
+                        flush=True,
+                    )
+    report = render(runs, args.slices)
+    print(report)
+    if args.out:
+        write_section(args.out, report)
+
+
+def render(runs: list[Run], slices: int) -> str:
+    lines = [
+        "## Ingest: sijnode against a bare pynetdicom SCP",
+        "",
+        f"DCMTK `storescu` sends {slices} CT slices of 512×512 int16 (about "
+        f"{runs[0].megabytes:.0f} MB) to each receiver; medians of the interleaved rounds. "
+        "The bare SCP writes the raw bytes only; sijnode writes them durably (fsync + "
+        "rename), records instance, series, study and event rows, and runs its completion "
+        "loop. Handler time is the C-STORE handler's own time per instance.",
+        "",
+        "| receiver | associations | instances/s | MB/s | p95 handler ms | ratio to bare |",
+        "|---|---|---|---|---|---|",
+    ]
+    for associations in (1, 4):
+        subset = [r for r in runs if r.associations == associations]
+        names = list(dict.fromkeys(r.receiver for r in subset))
+        base = statistics.median(r.per_second for r in subset if r.receiver == names[0])
+        for name in names:
+            mine = [r for r in subset if r.receiver == name]
+            rate = statistics.median(r.per_second for r in mine)
+            mbps = statistics.median(r.megabytes / r.seconds for r in mine)
+            p95 = statistics.median(r.p95_ms for r in mine)
+            lines.append(
+                f"| {name} | {associations} | {rate:.1f} | {mbps:.1f} | {p95:.2f} | "
+                f"{rate / base:.2f}× |"
+            )
+    bare = [r for r in runs if r.receiver.startswith("bare") and r.associations == 1]
+    sq = [r for r in runs if r.receiver.endswith("(SQLite)") and r.associations == 1]
+    pg = [r for r in runs if r.receiver.endswith("(PostgreSQL)") and r.associations == 1]
+    med = statistics.median
+
+    def handler(rs: list[Run]) -> float:
+        return med(med(r.handler_ms) for r in rs)
+
+    lines += [
+        "",
+        f"Audit and durability cost per instance (median handler time over the bare SCP's): "
+        f"SQLite +{handler(sq) - handler(bare):.2f} ms, "
+        f"PostgreSQL +{handler(pg) - handler(bare):.2f} ms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the ingest section of docs/benchmarks.md, keeping the others."""
+    header = "## Ingest: sijnode against a bare pynetdicom SCP"
+    text_now = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if header in text_now:
+        before, _, rest = text_now.partition(header)
+        after = rest.split("\n## ", 1)
+        tail = ("\n## " + after[1]) if len(after) > 1 else ""
+        text_now = before + section + tail
+    else:
+        text_now = text_now.rstrip("\n") + "\n\n" + section
+    path.write_text(text_now)
+
+
+if __name__ == "__main__":
+    main()
