@@ -78,10 +78,12 @@ def test_postgres_migrates_inside_the_search_path_schema(pg_url: str) -> None:
             where = conn.execute(
                 text(
                     "select table_schema from information_schema.tables "
-                    "where table_name in ('alembic_version', 'studies')"
-                )
+                    "where table_name in ('alembic_version', 'studies') "
+                    "and table_schema in (:schema, 'public')"
+                ),
+                {"schema": schema},
             ).scalars()
-            assert set(where) == {schema}
+            assert list(where) == [schema, schema]
     finally:
         engine.dispose()
 

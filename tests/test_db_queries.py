@@ -131,7 +131,7 @@ def test_job_rows(scenario: Audit) -> None:
 def test_timeline_milestones(scenario: Audit) -> None:
     with scenario.session() as s:
         entries = study_timeline(s, "2.25.1001")
-    first = {}
+    first: dict[str, float] = {}
     for e in entries:
         first.setdefault(e["stage"], e["elapsed_s"])
     assert {k: first[k] for k in ("received", "complete", "dispatched")} == {
@@ -212,7 +212,7 @@ def test_predictions_listing(scenario: Audit) -> None:
 
 
 @pytest.fixture
-def run(scenario: Audit, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def run(scenario: Audit, monkeypatch: pytest.MonkeyPatch):
     """Invoke ``sijnode`` commands of the db part against the scenario database."""
     monkeypatch.setenv("SIJNODE_DATABASE__URL", scenario.url)
     app = typer.Typer()
@@ -224,7 +224,7 @@ def run(scenario: Audit, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-un
     db_cli.register(app)
     runner = CliRunner()
 
-    def invoke(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+    def invoke(*args: str, code: int = 0):
         result = runner.invoke(app, list(args))
         assert result.exit_code == code, (result.output, result.exception)
         return result
@@ -232,7 +232,7 @@ def run(scenario: Audit, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-un
     return invoke
 
 
-def test_cli_studies_table_json_csv(run) -> None:  # type: ignore[no-untyped-def]
+def test_cli_studies_table_json_csv(run) -> None:
     table = run("audit", "studies").stdout
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["study_instance_uid", "site", "sender", "state"]
@@ -255,7 +255,7 @@ def test_cli_studies_table_json_csv(run) -> None:  # type: ignore[no-untyped-def
     assert "ISO 8601" in run("audit", "studies", "--since", "yesterday", code=2).output
 
 
-def test_cli_jobs_filters(run) -> None:  # type: ignore[no-untyped-def]
+def test_cli_jobs_filters(run) -> None:
     data = json.loads(run("audit", "jobs", "-f", "json", "--delivery", "dead").stdout)
     assert [r["job_id"] for r in data] == [4]
     data = json.loads(run("audit", "jobs", "-f", "json", "--state", "failed").stdout)
@@ -269,7 +269,7 @@ def test_cli_jobs_filters(run) -> None:  # type: ignore[no-untyped-def]
     assert "(no rows)" in run("audit", "jobs", "--sender", "NOBODY").stdout
 
 
-def test_cli_timeline(run) -> None:  # type: ignore[no-untyped-def]
+def test_cli_timeline(run) -> None:
     table = run("audit", "timeline", "2.25.1001").stdout
     for stage in ("received", "complete", "dispatched", "inferred", "reported", "delivered"):
         assert stage in table
@@ -280,7 +280,7 @@ def test_cli_timeline(run) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("what", ["studies", "jobs", "predictions"])
-def test_cli_export(run, tmp_path: Path, what: str) -> None:  # type: ignore[no-untyped-def]
+def test_cli_export(run, tmp_path: Path, what: str) -> None:
     expected = {"studies": 6, "jobs": 5, "predictions": 4}[what]
     out_json = tmp_path / f"{what}.json"
     out_csv = tmp_path / "sub" / f"{what}.csv"
@@ -300,7 +300,7 @@ def test_cli_export(run, tmp_path: Path, what: str) -> None:  # type: ignore[no-
     )
 
 
-def test_cli_summary(run) -> None:  # type: ignore[no-untyped-def]
+def test_cli_summary(run) -> None:
     table = run("audit", "summary").stdout
     assert "Volumes" in table and "Latency per stage" in table and "Failures" in table
     assert "complete→dispatch" in table

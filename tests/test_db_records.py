@@ -31,7 +31,7 @@ from sijnode.db.schema import (
     SliceScore,
 )
 from sijnode.errors import AuditError
-from sijnode.settings import Settings
+from sijnode.settings import DatabaseSettings, Settings
 from tests.test_db_data import (
     SECRET,
     SR_CLASS,
@@ -191,9 +191,11 @@ def test_supersede(audit: Audit) -> None:
 
 
 def test_reidentification_only_when_allowed(audit: Audit) -> None:
-    off = Settings(database={"url": audit.url, "pseudonym_secret": SECRET})  # type: ignore[arg-type]
+    off = Settings(database=DatabaseSettings(url=audit.url, pseudonym_secret=SECRET))
     on = Settings(
-        database={"url": audit.url, "pseudonym_secret": SECRET, "allow_reidentification": True}  # type: ignore[arg-type]
+        database=DatabaseSettings(
+            url=audit.url, pseudonym_secret=SECRET, allow_reidentification=True
+        )
     )
     assert off.database.allow_reidentification is False  # the default
     with audit.session() as s:
