@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
-from sijnode.daemon.spool import Spool, content_hash
+from sijnode.daemon.spool import Spool, SpooledFile, content_hash
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
-from sijnode.db.schema import EventType, Instance, Series, Study, StudyState, utcnow
+from sijnode.db.schema import Event, EventType, Instance, Series, Study, StudyState, utcnow
+from sijnode.errors import SijnodeError
 from sijnode.logs import fields
 
 log = logging.getLogger(__name__)
+
+_CACHE_SIZE = 4096
 
 
 class IngestOutcome(StrEnum):
@@ -64,6 +69,12 @@ class Ingestor:
         # Study and series rows are get-or-create; one writer at a time keeps that simple
         # and SQLite serialises writers anyway.
         self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sijnode-spool")
+        # UID → row id caches for the hot path; rows are never deleted, so an id stays valid.
+        self._studies: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._series_ids: OrderedDict[str, int] = OrderedDict()
+        # Cache entries of the transaction in hand; applied only once it has committed.
+        self._staged: list[tuple[OrderedDict[str, Any], str, Any]] = []
 
     def ingest(
         self,
@@ -74,50 +85,49 @@ class Ingestor:
     ) -> IngestResult:
         """Store and record ``data`` (an encoded instance with file meta).
 
-        Raises InvalidInstanceError, SpoolError (DiskFullError) or AuditError; on any of
-        them nothing was acknowledged and the caller must answer with a failure status.
+        The spool write (two fsyncs, GIL released) runs in a helper thread while the audit
+        rows are written; the transaction commits only after the file is durable. Raises
+        InvalidInstanceError, SpoolError (DiskFullError) or AuditError; on any of them
+        nothing was acknowledged and the caller must answer with a failure status.
         """
         header = read_header(data)
         sha = content_hash(data)
         relpath = self.spool.relpath_for(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, sha
         )
-        with self._lock, transaction(self.sessions) as session:
-            duplicate = self._find_duplicate(session, header.sop_instance_uid, sha)
-            if duplicate is not None:
-                # A re-send touches the study (so it is judged again and, if it was already
-                # dispatched, its identical job key is recorded as a duplicate job).
-                self._study(session, header, calling_ae_title, received_at or utcnow())
-                record_event(
-                    session,
-                    EventType.INSTANCE_DUPLICATE,
-                    study_id=duplicate.study_id,
-                    association_id=association_id,
-                    sop_instance_uid=duplicate.sop_instance_uid,
-                )
-                return IngestResult(
-                    IngestOutcome.DUPLICATE, duplicate.study_id, duplicate.id, duplicate.spool_path
-                )
-            newly_written = not self.spool.path(relpath).exists()
-            self.spool.write(relpath, data, sha)
-            try:
+        now = received_at or utcnow()
+        existed = self.spool.path(relpath).exists()
+        write = None if existed else self._writer.submit(self.spool.write, relpath, data, sha)
+        try:
+            with self._lock, transaction(self.sessions) as session:
+                self._staged.clear()
                 result = self._record(
-                    session,
-                    header,
-                    sha,
-                    len(data),
-                    relpath,
-                    association_id,
-                    calling_ae_title,
-                    received_at or utcnow(),
+                    session, header, sha, len(data), relpath, association_id, calling_ae_title, now
                 )
+                if write is not None:
+                    write.result()  # SpoolError propagates: the transaction rolls back
                 session.commit()
-            except SQLAlchemyError:
-                # Not recorded, so not acknowledged: keep the spool equal to the audit.
-                if newly_written:
-                    self.spool.path(relpath).unlink(missing_ok=True)
-                raise
-            return result
+                for cache, key, value in self._staged:
+                    self._remember(cache, key, value)
+        except BaseException:
+            if write is not None:
+                self._discard(write, relpath, header.sop_instance_uid, sha)
+            raise
+        return result
+
+    def _discard(self, write: Future[SpooledFile], relpath: str, sop_uid: str, sha: str) -> None:
+        """After a failed record, remove the file we wrote unless a committed row owns it."""
+        try:
+            write.result()
+        except SijnodeError:
+            return  # the write itself failed and cleaned up after itself
+        try:
+            with transaction(self.sessions) as session:
+                if self._find_duplicate(session, sop_uid, sha) is not None:
+                    return
+        except SijnodeError:
+            pass  # audit unreachable: removing the unrecorded file is still right
+        self.spool.path(relpath).unlink(missing_ok=True)
 
     def record_spooled(self, relpath: str) -> IngestResult | None:
         """Record a spooled file that has no row (a crash between write and commit)."""
@@ -125,6 +135,7 @@ class Ingestor:
         header = read_header(data)
         sha = content_hash(data)
         with self._lock, transaction(self.sessions) as session:
+            self._staged.clear()
             if self._find_duplicate(session, header.sop_instance_uid, sha) is not None:
                 return None
             return self._record(session, header, sha, len(data), relpath, None, None, utcnow())
@@ -146,48 +157,144 @@ class Ingestor:
         calling_ae_title: str | None,
         now: datetime,
     ) -> IngestResult:
-        study, reopened = self._study(session, header, calling_ae_title, now)
-        series = self._series(session, study, header, now)
-        others = session.scalars(
-            select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid)
+        """Write the instance's rows (Core statements on the hot path) in ``session``."""
+        same_uid = session.execute(
+            select(Instance.id, Instance.sha256, Instance.study_id, Instance.spool_path).where(
+                Instance.sop_instance_uid == header.sop_instance_uid
+            )
         ).all()
-        conflict = bool(others)
-        instance = Instance(
-            series_id=series.id,
-            study_id=study.id,
-            association_id=association_id,
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            size_bytes=size,
-            sha256=sha,
-            spool_path=relpath,
-            instance_number=header.instance_number,
-            slice_position=header.slice_position,
-            conflict=conflict,
-            received_at=now,
-            generation=study.generation,
-        )
-        session.add(instance)
+        study_id, generation, reopened = self._touch_study(session, header, calling_ae_title, now)
+        duplicate = next((row for row in same_uid if row.sha256 == sha), None)
+        if duplicate is not None:
+            # A re-send touches the study (above), so it is judged again and, if it was
+            # already dispatched, its identical job key is recorded as a duplicate job.
+            self._event(
+                session,
+                EventType.INSTANCE_DUPLICATE,
+                study_id,
+                association_id,
+                sop_instance_uid=header.sop_instance_uid,
+            )
+            return IngestResult(
+                IngestOutcome.DUPLICATE, study_id, duplicate.id, duplicate.spool_path, reopened
+            )
+        series_id = self._touch_series(session, study_id, header, now)
+        conflict = bool(same_uid)
+        instance_id = session.execute(
+            insert(Instance)
+            .values(
+                series_id=series_id,
+                study_id=study_id,
+                association_id=association_id,
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                size_bytes=size,
+                sha256=sha,
+                spool_path=relpath,
+                instance_number=header.instance_number,
+                slice_position=header.slice_position,
+                conflict=conflict,
+                received_at=now,
+                generation=generation,
+            )
+            .returning(Instance.id)
+        ).scalar_one()
         if conflict:
-            session.execute(update(Instance).where(Instance.id.in_(others)).values(conflict=True))
-        session.flush()
-        record_event(
-            session,
-            EventType.INSTANCE_CONFLICT if conflict else EventType.INSTANCE_STORED,
-            study_id=study.id,
-            association_id=association_id,
-            sop_instance_uid=header.sop_instance_uid,
-            sha256=sha,
-            size=size,
-        )
-        if conflict:
+            session.execute(
+                update(Instance)
+                .where(Instance.id.in_([row.id for row in same_uid]))
+                .values(conflict=True)
+            )
             log.warning(
                 "instance conflict: same SOP Instance UID, different bytes; both kept",
                 extra=fields(sop_instance_uid=header.sop_instance_uid, sha256=sha),
             )
+        self._event(
+            session,
+            EventType.INSTANCE_CONFLICT if conflict else EventType.INSTANCE_STORED,
+            study_id,
+            association_id,
+            sop_instance_uid=header.sop_instance_uid,
+            sha256=sha,
+            size=size,
+        )
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
-        return IngestResult(outcome, study.id, instance.id, relpath, reopened)
+        return IngestResult(outcome, study_id, instance_id, relpath, reopened)
+
+    @staticmethod
+    def _event(
+        session: Session,
+        type_: EventType,
+        study_id: int,
+        association_id: int | None,
+        **detail: object,
+    ) -> None:
+        session.execute(
+            insert(Event).values(
+                type=type_,
+                study_id=study_id,
+                association_id=association_id,
+                detail=detail,
+                at=utcnow(),
+            )
+        )
+
+    def _touch_study(
+        self,
+        session: Session,
+        header: InstanceHeader,
+        calling_ae_title: str | None,
+        now: datetime,
+    ) -> tuple[int, int, bool]:
+        """Study id and generation; a cheap conditional UPDATE while it is receiving."""
+        cached = self._studies.get(header.study_instance_uid)
+        if cached is not None:
+            study_id, generation = cached
+            touched = session.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.state == StudyState.RECEIVING,
+                    Study.generation == generation,
+                )
+                .values(last_received_at=now)
+            )
+            if touched.rowcount == 1:  # type: ignore[attr-defined]
+                return study_id, generation, False
+        study, reopened = self._study(session, header, calling_ae_title, now)
+        self._staged.append(
+            (self._studies, header.study_instance_uid, (study.id, study.generation))
+        )
+        return study.id, study.generation, reopened
+
+    def _touch_series(
+        self, session: Session, study_id: int, header: InstanceHeader, now: datetime
+    ) -> int:
+        expected = header.images_in_acquisition or header.series_related_instances
+        series_id = self._series_ids.get(header.series_instance_uid)
+        if series_id is None:
+            series_id = self._series(session, study_id, header, now).id
+            self._staged.append((self._series_ids, header.series_instance_uid, series_id))
+            return series_id
+        values: dict[str, object] = {"last_received_at": now}
+        if expected is not None:
+            values["expected_instances"] = case(
+                (func.coalesce(Series.expected_instances, 0) < expected, expected),
+                else_=Series.expected_instances,
+            )
+        touched = session.execute(update(Series).where(Series.id == series_id).values(**values))
+        if touched.rowcount != 1:  # type: ignore[attr-defined]
+            series_id = self._series(session, study_id, header, now).id
+            self._staged.append((self._series_ids, header.series_instance_uid, series_id))
+        return series_id
+
+    @staticmethod
+    def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
 
     def _study(
         self,
@@ -237,7 +344,7 @@ class Ingestor:
         return study, reopened
 
     def _series(
-        self, session: Session, study: Study, header: InstanceHeader, now: datetime
+        self, session: Session, study_id: int, header: InstanceHeader, now: datetime
     ) -> Series:
         series = session.scalars(
             select(Series).where(Series.series_instance_uid == header.series_instance_uid)
@@ -245,7 +352,7 @@ class Ingestor:
         expected = header.images_in_acquisition or header.series_related_instances
         if series is None:
             series = Series(
-                study_id=study.id,
+                study_id=study_id,
                 series_instance_uid=header.series_instance_uid,
                 modality=header.modality,
                 body_part_examined=header.body_part_examined,
