@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sijnode.cli import state
+from sijnode.db.render import FileFormat as ExportFormat
+from sijnode.db.render import OutputFormat as Format
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -23,21 +25,6 @@ if TYPE_CHECKING:
     from sijnode.db.queries import AuditFilter
     from sijnode.db.validation import ValidationResult
     from sijnode.settings import Settings
-
-
-class Format(enum.StrEnum):
-    """How a listing is printed (mirrors :class:`sijnode.db.render.OutputFormat`)."""
-
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-class ExportFormat(enum.StrEnum):
-    """How an export file is written."""
-
-    csv = "csv"
-    json = "json"
 
 
 class ExportWhat(enum.StrEnum):
