@@ -504,7 +504,7 @@ def _env_var_setting(parts: Sequence[str]) -> str:
     """The ``SIJNODE_*`` variable that set the value at ``parts`` (maybe a JSON parent)."""
     names = {name.upper(): name for name in os.environ}
     for end in range(len(parts), 0, -1):
-        name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts[:end]).upper()
+        name = env_var_name(".".join(parts[:end]))
         if name in names:
             return names[name]
     return ""

@@ -34,6 +34,7 @@ from sijnode.settings import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
     Settings,
+    env_var_name,
     flatten,
     key_for_env_var,
     load_settings,
@@ -644,6 +645,8 @@ def test_invalid_toml(tmp_path: Path) -> None:
 )
 def test_key_for_env_var(name: str, key: str | None) -> None:
     assert key_for_env_var(name) == key
+    if key is not None:
+        assert env_var_name(key) == name.upper()
 
 
 def test_unknown_env_vars() -> None:
@@ -663,8 +666,7 @@ def test_every_documented_environment_variable_is_read(monkeypatch: pytest.Monke
     for key, value in defaults.items():
         if "routes." in key or isinstance(value, list):
             continue
-        var = ENV_PREFIX + ENV_NESTED_DELIMITER.join(key.split(".")).upper()
-        assert key_for_env_var(var) == key
+        assert key_for_env_var(env_var_name(key)) == key
     monkeypatch.setenv("SIJNODE_STORAGE__MIN_FREE_MB", "7")
     monkeypatch.setenv("SIJNODE_DELIVERY__SHADOW_MODE", "true")
     s = flatten(load_settings().model_dump(mode="json"))
