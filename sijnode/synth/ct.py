@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from sijnode.errors import SynthesisError
-from sijnode.synth.dicom import SeriesPlan, build_slice, series_uids
+from sijnode.synth.dicom import SeriesBuilder, SeriesPlan, series_uids
 from sijnode.synth.lesions import ct_lesion_maps, random_ct_lesions
 from sijnode.synth.noise import gaussian_pair, texture
 from sijnode.synth.phantom import Pose, sample_anatomy
@@ -28,6 +28,7 @@ from sijnode.uids import DEFAULT_UID_ROOT
 
 F32 = np.float32
 SIZE = 512
+X_DIR, Y_DIR = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
 MAX_SLICES = 300
 RESCALE_INTERCEPT = -1024
 #: Lesion pixels on one side of a slice that make the slice positive on that side.
@@ -150,15 +151,15 @@ def generate_ct_study(
             ("RescaleType", "HU"),
         ),
     )
-    uids = series_uids(uid_root, seed, subject_index, "CT")
+    builder = SeriesBuilder(subject.patient, plan, series_uids(uid_root, seed, subject_index, "CT"))
 
     datasets, truths = [], []
     labelmap = np.empty((n_slices, SIZE, SIZE), dtype=np.uint8)
     lesion_map = np.empty((n_slices, SIZE, SIZE), dtype=bool)
     for k in range(n_slices):
         z = z_top - k * thickness
-        points = np.stack([gx, gy, np.full_like(gx, z)])
-        sample = sample_anatomy(anat, pose.to_anatomical(points))
+        start = np.array([0.0, 0.0, z])
+        sample = sample_anatomy(anat, pose.plane(start, X_DIR, Y_DIR, axis, axis))
         labels = sample.labels
         labels[table & (labels == Tissue.AIR)] = Tissue.TABLE
         shell = cortex(labels, 1.6 / spacing)
@@ -180,7 +181,7 @@ def generate_ct_study(
         lesion = (strength >= 0.5) | erosion
         right = int(np.count_nonzero(lesion & ~sample.left)) >= MIN_LESION_PIXELS
         left = int(np.count_nonzero(lesion & sample.left)) >= MIN_LESION_PIXELS
-        ds = build_slice(subject.patient, plan, uids, k + 1, (origin, origin, z), stored)
+        ds = builder.slice(k + 1, (origin, origin, z), stored)
         datasets.append(ds)
         truths.append(
             SliceTruth(

@@ -9,6 +9,7 @@ the node's root, and every date and time is fixed, so one seed gives identical b
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -130,29 +131,46 @@ def sop_instance_uid(root: str, seed: int, subject_index: int, modality: Modalit
     return synth_uid(root, seed, subject_index, modality, f"instance={n}")
 
 
-def build_slice(
-    patient: Patient,
-    plan: SeriesPlan,
-    uids: SeriesUIDs,
-    number: int,
-    position: Sequence[float],
-    pixels: np.ndarray,
-) -> Dataset:
-    """One image of the series: ``number`` is its InstanceNumber (1..N)."""
-    expected = np.int16 if plan.pixel_signed else np.uint16
-    if pixels.shape != (plan.rows, plan.columns) or pixels.dtype != expected:
-        raise SynthesisError(
-            f"expected {plan.rows}x{plan.columns} {np.dtype(expected)} pixels, "
-            f"got {pixels.shape} {pixels.dtype}"
+class SeriesBuilder:
+    """Builds the slices of one series from a template holding everything they share."""
+
+    def __init__(self, patient: Patient, plan: SeriesPlan, uids: SeriesUIDs) -> None:
+        self.patient, self.plan, self.uids = patient, plan, uids
+        self.template = _template(patient, plan, uids)
+        self.normal = np.cross(plan.orientation[:3], plan.orientation[3:])
+
+    def slice(self, number: int, position: Sequence[float], pixels: np.ndarray) -> Dataset:
+        """Slice ``number`` (its InstanceNumber, 1..N) whose first pixel is at ``position``."""
+        plan = self.plan
+        expected = np.int16 if plan.pixel_signed else np.uint16
+        if pixels.shape != (plan.rows, plan.columns) or pixels.dtype != expected:
+            raise SynthesisError(
+                f"expected {plan.rows}x{plan.columns} {np.dtype(expected)} pixels, "
+                f"got {pixels.shape} {pixels.dtype}"
+            )
+        if not 1 <= number <= plan.n_slices:
+            raise SynthesisError(f"expected InstanceNumber 1 to {plan.n_slices}, got {number}")
+        sop_uid = sop_instance_uid(
+            plan.uid_root, self.patient.seed, self.patient.subject_index, plan.modality, number
         )
+        ds = copy.deepcopy(self.template)
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [ds_str(float(p)) for p in position]
+        ds.SliceLocation = ds_str(float(np.dot(self.normal, position)))
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+        return ds
+
+
+def _template(patient: Patient, plan: SeriesPlan, uids: SeriesUIDs) -> Dataset:
+    """Every attribute the slices of one series share."""
     modality = plan.modality
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
-    sop_uid = sop_instance_uid(plan.uid_root, patient.seed, patient.subject_index, modality, number)
     day = (BASE_DATE + timedelta(days=patient.subject_index)).strftime("%Y%m%d")
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = uids.implementation
     meta.ImplementationVersionName = f"SIJNODE_{__version__}"[:16]
@@ -166,7 +184,6 @@ def build_slice(
     ds.InstanceCreationDate = day
     ds.InstanceCreationTime = plan.study_time
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = day
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = plan.study_time
     ds.AccessionNumber = f"SYN{patient.subject_index:05d}{modality}"
@@ -194,14 +211,10 @@ def build_slice(
     ds.StudyID = f"S{patient.subject_index:04d}"
     ds.SeriesNumber = plan.series_number
     ds.AcquisitionNumber = 1
-    ds.InstanceNumber = number
-    ds.ImagePositionPatient = [ds_str(float(p)) for p in position]
     ds.ImageOrientationPatient = [ds_str(c) for c in plan.orientation]
     ds.FrameOfReferenceUID = uids.frame_of_reference
     ds.PositionReferenceIndicator = ""
     ds.ImagesInAcquisition = plan.n_slices
-    normal = np.cross(plan.orientation[:3], plan.orientation[3:])
-    ds.SliceLocation = ds_str(float(np.dot(normal, position)))
     ds.SliceThickness = ds_str(plan.slice_thickness)
     ds.PixelSpacing = [ds_str(plan.pixel_spacing), ds_str(plan.pixel_spacing)]
     ds.SamplesPerPixel = 1
@@ -218,5 +231,4 @@ def build_slice(
     ds.WindowCenterWidthExplanation = list(plan.window_explanation)
     for keyword, value in plan.attributes:
         setattr(ds, keyword, value)
-    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
     return ds

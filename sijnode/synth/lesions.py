@@ -95,7 +95,7 @@ def ct_lesion_maps(
     """
     sclerosis = np.zeros(sample.labels.shape, dtype=F32)
     erosion = np.zeros(sample.labels.shape, dtype=bool)
-    near = (np.abs(sample.d) < BAND_MM) & (sample.region < 1.1)
+    near = (np.abs(sample.d) < BAND_MM) & (sample.region < 0.95)
     idx = np.flatnonzero(near)
     if idx.size == 0 or not lesions.sides:
         return sclerosis, erosion
@@ -196,6 +196,7 @@ def oedema_map(sample: Sample, anat: Anatomy, lesions: tuple[Oedema, ...]) -> np
     if idx.size == 0:
         return signal
     v, w = sample.v.ravel()[idx], sample.w.ravel()[idx]
+    region = sample.region.ravel()[idx]
     values = np.zeros(idx.size, dtype=F32)
     for lesion in lesions:
         dz = ((w - F32(lesion.w)) / F32(lesion.semi_w)) ** 2
@@ -205,7 +206,7 @@ def oedema_map(sample: Sample, anat: Anatomy, lesions: tuple[Oedema, ...]) -> np
         depth = _depth(sample, anat, lesion.side, lesion.iliac).ravel()[idx]
         r2 = ((depth - F32(lesion.depth)) / F32(lesion.semi_depth)) ** 2
         r2 += ((v - F32(lesion.v)) / F32(lesion.semi_v)) ** 2 + dz
-        inside = bone & (r2 < 1)
+        inside = bone & (r2 < 1) & (region <= 0.9)
         profile = F32(lesion.amplitude) * (F32(0.55) + F32(0.45) * np.sqrt(1 - np.minimum(r2, 1)))
         values = np.where(inside, np.maximum(values, profile), values)
     signal.ravel()[idx] = values

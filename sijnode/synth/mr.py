@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from sijnode.errors import SynthesisError
-from sijnode.synth.dicom import SeriesPlan, build_slice, series_uids
+from sijnode.synth.dicom import SeriesBuilder, SeriesPlan, series_uids
 from sijnode.synth.lesions import oedema_map, random_oedema
 from sijnode.synth.noise import gaussian_pair, texture
 from sijnode.synth.phantom import REGION_V, Pose, sacral_axes, sample_anatomy
@@ -132,11 +132,7 @@ def generate_mr_study(
     gain = float(rng.uniform(0.8, 1.3))
     noise = float(rng.uniform(8, 14))
     bias = _bias(rng) * F32(gain)
-    steps = (np.arange(SIZE, dtype=F32) - F32((SIZE - 1) / 2)) * F32(pixel)
-    cc, rr = np.meshgrid(steps, steps)
-    plane = (cc[None] * row_dir.astype(F32)[:, None, None]) + rr[None] * col_dir.astype(F32)[
-        :, None, None
-    ]
+    steps = (np.arange(SIZE) - (SIZE - 1) / 2) * pixel
     first_pixel = float(steps[0])
     v_limit = (REGION_V + ROI_MARGIN_MM) * anat.scale
 
@@ -184,15 +180,14 @@ def generate_mr_study(
             ("ContrastBolusRoute", "IV"),
         ),
     )
-    uids = series_uids(uid_root, seed, subject_index, "MR")
+    builder = SeriesBuilder(subject.patient, plan, series_uids(uid_root, seed, subject_index, "MR"))
 
     datasets, truths = [], []
     labelmap = np.empty((n, SIZE, SIZE), dtype=np.uint8)
     lesion_map = np.empty((n, SIZE, SIZE), dtype=bool)
     cortex_px = 1.2 / pixel
     for k, center in enumerate(centers):
-        points = plane + center.astype(F32)[:, None, None]
-        sample = sample_anatomy(anat, pose.to_anatomical(points))
+        sample = sample_anatomy(anat, pose.plane(center, row_dir, col_dir, steps, steps))
         labels = sample.labels
         signal_added = oedema_map(sample, anat, oedema)
         lesion = signal_added > 0
@@ -216,7 +211,7 @@ def generate_mr_study(
         stored = np.clip(np.rint(magnitude), 0, 4095).astype(np.uint16)
 
         position = center + first_pixel * row_dir + first_pixel * col_dir
-        ds = build_slice(subject.patient, plan, uids, k + 1, position.tolist(), stored)
+        ds = builder.slice(k + 1, position.tolist(), stored)
         datasets.append(ds)
         truths.append(
             SliceTruth(

@@ -107,6 +107,30 @@ class Pose:
         flat = points.reshape(3, -1) - self.center.reshape(3, 1).astype(F32)
         return (self.rotation.T.astype(F32) @ flat).reshape(shape)
 
+    def plane(
+        self,
+        origin: np.ndarray,
+        row_dir: np.ndarray,
+        col_dir: np.ndarray,
+        col_steps: np.ndarray,
+        row_steps: np.ndarray,
+    ) -> np.ndarray:
+        """Anatomical points (3, rows, columns) of the scanner plane through ``origin``.
+
+        Pixel (r, c) lies at ``origin + col_steps[c] * row_dir + row_steps[r] * col_dir``
+        (PS3.3 C.7.6.2.1.1: the row direction runs along a row, across the columns).
+        """
+        rt = self.rotation.T
+        start, along_row, along_col = (rt @ (origin - self.center)), rt @ row_dir, rt @ col_dir
+        out = np.empty((3, row_steps.size, col_steps.size), dtype=F32)
+        for i in range(3):
+            np.add.outer(
+                row_steps.astype(F32) * F32(along_col[i]) + F32(start[i]),
+                col_steps.astype(F32) * F32(along_row[i]),
+                out=out[i],
+            )
+        return out
+
     def to_scanner(self, point: np.ndarray) -> np.ndarray:
         """One point of the subject's frame to scanner LPS."""
         return np.asarray(self.rotation @ point + self.center)
@@ -241,18 +265,20 @@ def sample_anatomy(anat: Anatomy, points: np.ndarray) -> Sample:
     # Ilia: a thick posterior body beside the joint, and the thin wing flaring antero-laterally.
     ilium = np.zeros(labels.size, dtype=bool)
     medial = np.full(labels.size, np.inf, dtype=F32)
-    cand = _idx((au > joint) & (w > -30) & (w < 24) & (v > -120) & (v < 64))
+    cand = _idx((au > joint) & (w > -42) & (w < 24) & (v > -120) & (v < 64) & inner)
     if cand.size:
         iw, iv = w.reshape(-1)[cand], v.reshape(-1)[cand]
         front = np.maximum(iw, 0) * F32(1 / REGION_W)
         vr_i = iv * F32(1 / REGION_V)
         taper_ilium = F32(22.0) * np.maximum(np.sqrt(vr_i * vr_i + front * front) - 1, 0)
+        # Behind the joint the posterior iliac tuberosity keeps its distance from the midline.
+        taper_ilium += F32(0.42) * np.maximum(-REGION_W - iw, 0)
         half_gap = gap_right + gap_step * left.reshape(-1)[cand]
         medial[cand] = joint.reshape(-1)[cand] + half_gap + taper_ilium
         thickness = np.clip(F32(24) - F32(0.3) * iw, 14, 34)
         offset = au.reshape(-1)[cand] - medial[cand]
         ilium[cand[(offset > 0) & (offset < thickness)]] = True
-    cand = _idx((v > -20) & (v < 68) & (au > 56))
+    cand = _idx((v > -20) & (v < 68) & (au > 56) & inner)
     if cand.size:
         wv = v.reshape(-1)[cand]
         phi = np.radians(F32(55) - F32(0.25) * wv)
