@@ -79,8 +79,8 @@ def random_ct_lesions(
             pits.append(Pit(side, bool(rng.uniform() < 0.75), v, w, float(rng.uniform(1.6, 3.6))))
     return CtLesions(
         sides=sides,
-        sclerosis_iliac_mm=tuple(float(rng.uniform(5.0, 11.0)) for _ in sides),
-        sclerosis_sacral_mm=tuple(float(rng.uniform(2.0, 6.0)) for _ in sides),
+        sclerosis_iliac_mm=tuple(float(rng.uniform(7.0, 14.0)) for _ in sides),
+        sclerosis_sacral_mm=tuple(float(rng.uniform(3.0, 7.0)) for _ in sides),
         patches=Waves.random(rng, 4, 45.0),
         pits=tuple(pits),
     )
@@ -101,7 +101,7 @@ def ct_lesion_maps(
         return sclerosis, erosion
     v, w = sample.v.ravel()[idx], sample.w.ravel()[idx]
     patch = lesions.patches(v, w, np.zeros_like(v))
-    patchy = np.clip((patch + F32(1.0)) / F32(0.8), 0, 1)
+    patchy = np.clip((patch + F32(1.4)) / F32(0.8), 0, 1)
     strength = np.zeros(idx.size, dtype=F32)
     eroded = np.zeros(idx.size, dtype=bool)
     for n, side in enumerate(lesions.sides):
@@ -111,8 +111,8 @@ def ct_lesion_maps(
         ):
             bone = bone_of(sample, side, iliac).ravel()[idx]
             depth = _depth(sample, anat, side, iliac).ravel()[idx]
-            limit = F32(depth_mm) * (F32(0.65) + F32(0.35) * np.cos(patch))
-            band = np.clip((limit - depth) / (F32(0.5) * limit), 0, 1) * patchy
+            limit = F32(depth_mm) * (F32(0.75) + F32(0.25) * np.cos(patch))
+            band = np.clip((limit - depth) / (F32(0.35) * limit), 0, 1) * patchy
             hole = np.zeros(idx.size, dtype=F32)
             rim = np.zeros(idx.size, dtype=F32)
             for pit in lesions.pits:

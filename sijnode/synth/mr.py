@@ -64,18 +64,23 @@ CORTEX_SIGNAL = 25.0
 
 
 def iliac_boxes(labels: np.ndarray, v_mm: np.ndarray, v_limit_mm: float) -> tuple[RoiBox, ...]:
-    """Boxes of each ilium within ``|v| <= v_limit_mm`` (the joint's craniocaudal extent)."""
+    """Box of each ilium over the rows of the joint's craniocaudal extent (``|v| <= limit``).
+
+    The rows are those where the ilium lies within ``v_limit_mm`` of the joint centre; the
+    columns span every iliac pixel of that side in those rows.
+    """
     boxes = []
     sides: tuple[tuple[SingleSide, Tissue], ...] = (
         ("right", Tissue.ILIUM_RIGHT),
         ("left", Tissue.ILIUM_LEFT),
     )
     for side, tissue in sides:
-        mask = (labels == tissue) & (np.abs(v_mm) <= v_limit_mm)
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        ilium = labels == tissue
+        rows = np.flatnonzero((ilium & (np.abs(v_mm) <= v_limit_mm)).any(axis=1))
         if rows.size:
-            x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
-            boxes.append(RoiBox(side, x0, y0, x1, y1))
+            y0, y1 = int(rows[0]), int(rows[-1]) + 1
+            cols = np.flatnonzero(ilium[y0:y1].any(axis=0))
+            boxes.append(RoiBox(side, int(cols[0]), y0, int(cols[-1]) + 1, y1))
     return tuple(boxes)
 
 

@@ -263,20 +263,22 @@ def sample_anatomy(anat: Anatomy, points: np.ndarray) -> Sample:
         flat[cand] = np.where(v.reshape(-1)[cand] < 53, Tissue.DISC, Tissue.VERTEBRA)
 
     # Ilia: a thick posterior body beside the joint, and the thin wing flaring antero-laterally.
-    ilium = np.zeros(labels.size, dtype=bool)
-    medial = np.full(labels.size, np.inf, dtype=F32)
-    cand = _idx((au > joint) & (w > -42) & (w < 24) & (v > -120) & (v < 64) & inner)
-    if cand.size:
+    def medial_edge(cand: np.ndarray) -> np.ndarray:
+        """|u| of the ilium's articular surface; behind the joint the posterior iliac
+        tuberosity keeps its distance from the midline."""
         iw, iv = w.reshape(-1)[cand], v.reshape(-1)[cand]
         front = np.maximum(iw, 0) * F32(1 / REGION_W)
         vr_i = iv * F32(1 / REGION_V)
         taper_ilium = F32(22.0) * np.maximum(np.sqrt(vr_i * vr_i + front * front) - 1, 0)
-        # Behind the joint the posterior iliac tuberosity keeps its distance from the midline.
         taper_ilium += F32(0.42) * np.maximum(-REGION_W - iw, 0)
         half_gap = gap_right + gap_step * left.reshape(-1)[cand]
-        medial[cand] = joint.reshape(-1)[cand] + half_gap + taper_ilium
-        thickness = np.clip(F32(24) - F32(0.3) * iw, 14, 34)
-        offset = au.reshape(-1)[cand] - medial[cand]
+        return joint.reshape(-1)[cand] + half_gap + taper_ilium
+
+    ilium = np.zeros(labels.size, dtype=bool)
+    cand = _idx((au > joint) & (w > -42) & (w < 24) & (v > -120) & (v < 64) & inner)
+    if cand.size:
+        thickness = np.clip(F32(24) - F32(0.3) * w.reshape(-1)[cand], 14, 34)
+        offset = au.reshape(-1)[cand] - medial_edge(cand)
         ilium[cand[(offset > 0) & (offset < thickness)]] = True
     cand = _idx((v > -20) & (v < 68) & (au > 56) & inner)
     if cand.size:
@@ -294,12 +296,13 @@ def sample_anatomy(anat: Anatomy, points: np.ndarray) -> Sample:
 
     # Between sacrum and ilium: synovial joint space inside the articular region,
     # interosseous ligaments behind it.
-    cand = _idx((w > -30) & (w < 24) & (v > -60) & (v < 50) & (au <= medial.reshape(u.shape)))
+    cand = _idx((w > -30) & (w < 24) & (v > -60) & (v < 50) & (np.abs(au - joint) < 40) & inner)
     if cand.size:
         breg = region.reshape(-1)[cand]
         half_gap = gap_right + gap_step * left.reshape(-1)[cand]
         taper = F32(22.0) * np.maximum(breg - 1, 0)
-        cand_ok = au.reshape(-1)[cand] >= joint.reshape(-1)[cand] - half_gap - taper
+        cau = au.reshape(-1)[cand]
+        cand_ok = (cau >= joint.reshape(-1)[cand] - half_gap - taper) & (cau <= medial_edge(cand))
         cand, breg = cand[cand_ok], breg[cand_ok]
         flat[cand[breg <= 1]] = Tissue.JOINT
         behind = (breg > 1) & (breg < 2.2) & (w.reshape(-1)[cand] < 0)
