@@ -342,6 +342,8 @@ def test_cli_writes_labels_and_rois(tmp_path: Path) -> None:
 
     again = runner.invoke(app, [*args, "--out", str(out)])
     assert again.exit_code != 0 and isinstance(again.exception, SynthesisError)
+    too_many = runner.invoke(app, ["synth", "--slices", "100", "--out", str(tmp_path / "new")])
+    assert isinstance(too_many.exception, SynthesisError) and not (tmp_path / "new").exists()
 
 
 def test_plan_has_the_requested_share_of_positives() -> None:
@@ -365,7 +367,8 @@ def test_plan_has_the_requested_share_of_positives() -> None:
         lambda: generate_mr_study(1, 1, False, n_slices=3),
         lambda: generate_mr_study(1, 1, False, n_slices=4, uid_root="1.2.3"),
         lambda: plan_subjects(1, 4, 1.5),
-        lambda: list(generate_dataset(1, 1, 0.5, "pet")),  # type: ignore[arg-type]
+        lambda: generate_dataset(1, 1, 0.5, "pet"),  # type: ignore[arg-type]
+        lambda: generate_dataset(1, 1, 0.5, "both", n_slices=100),  # MR takes at most 64
     ],
 )
 def test_bad_parameters_raise_synthesis_error(call: object) -> None:

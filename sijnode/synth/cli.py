@@ -57,12 +57,14 @@ def synth(
         "slices": slices,
         "uid_root": uid_root,
     }
+    choices: dict[str, ModalityChoice] = {"ct": "ct", "mr": "mr", "both": "both"}
+    studies = generate_dataset(
+        seed, subjects, positive_fraction, choices[modality.value], slices, uid_root
+    )
     typer.echo(f"{'subject':<10} {'modality':<8} {'label':>5} {'side':<6} {'slices':>6}  folder")
 
     def listed() -> Iterator[SynthStudy]:
-        choices: dict[str, ModalityChoice] = {"ct": "ct", "mr": "mr", "both": "both"}
-        choice = choices[modality.value]
-        for study in generate_dataset(seed, subjects, positive_fraction, choice, slices, uid_root):
+        for study in studies:
             yield study
             typer.echo(
                 f"{study.subject_id:<10} {study.modality:<8} {study.label:>5} {study.side:<6} "

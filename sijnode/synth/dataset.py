@@ -17,7 +17,10 @@ import numpy as np
 
 from sijnode import __version__
 from sijnode.errors import SynthesisError
+from sijnode.synth.ct import MAX_SLICES as CT_MAX_SLICES
 from sijnode.synth.ct import generate_ct_study
+from sijnode.synth.mr import MAX_SLICES as MR_MAX_SLICES
+from sijnode.synth.mr import MIN_SLICES as MR_MIN_SLICES
 from sijnode.synth.mr import generate_mr_study
 from sijnode.synth.subject import check_counts, check_uid_root, random_side, stream
 from sijnode.synth.truth import Side, SynthStudy, sides_of
@@ -92,20 +95,33 @@ def generate_dataset(
 ) -> Iterator[SynthStudy]:
     """Studies of every planned subject, CT before MR; one at a time to bound memory.
 
-    ``n_slices`` None gives 24 CT slices and 20-37 MR slices per subject.
+    ``n_slices`` None gives 24 CT slices and 20-37 MR slices per subject. Parameters are
+    checked here, before any study is made.
     """
     if modality not in ("ct", "mr", "both"):
         raise SynthesisError(f"expected modality ct, mr or both, got {modality!r}")
     check_uid_root(uid_root)
-    for subject in plan_subjects(seed, n_subjects, positive_fraction):
-        if modality in ("ct", "both"):
-            yield generate_ct_study(
-                seed, subject.index, subject.positive, subject.side, n_slices or 24, uid_root
-            )
-        if modality in ("mr", "both"):
-            yield generate_mr_study(
-                seed, subject.index, subject.positive, subject.side, n_slices, uid_root
-            )
+    want_ct, want_mr = modality in ("ct", "both"), modality in ("mr", "both")
+    if n_slices is not None and want_ct and not 1 <= n_slices <= CT_MAX_SLICES:
+        raise SynthesisError(f"expected 1 to {CT_MAX_SLICES} CT slices, got {n_slices}")
+    if n_slices is not None and want_mr and not MR_MIN_SLICES <= n_slices <= MR_MAX_SLICES:
+        raise SynthesisError(
+            f"expected {MR_MIN_SLICES} to {MR_MAX_SLICES} MR slices, got {n_slices}"
+        )
+    plan = plan_subjects(seed, n_subjects, positive_fraction)
+
+    def studies() -> Iterator[SynthStudy]:
+        for subject in plan:
+            if want_ct:
+                yield generate_ct_study(
+                    seed, subject.index, subject.positive, subject.side, n_slices or 24, uid_root
+                )
+            if want_mr:
+                yield generate_mr_study(
+                    seed, subject.index, subject.positive, subject.side, n_slices, uid_root
+                )
+
+    return studies()
 
 
 def study_folder(study: SynthStudy) -> PurePosixPath:

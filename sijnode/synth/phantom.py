@@ -101,12 +101,6 @@ class Pose:
         ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
         return cls(center=np.asarray(center, dtype=float), rotation=ry @ rz)
 
-    def to_anatomical(self, points: np.ndarray) -> np.ndarray:
-        """Scanner LPS points of shape (3, ...) to the subject's own LPS frame."""
-        shape = points.shape
-        flat = points.reshape(3, -1) - self.center.reshape(3, 1).astype(F32)
-        return (self.rotation.T.astype(F32) @ flat).reshape(shape)
-
     def plane(
         self,
         origin: np.ndarray,
@@ -131,10 +125,6 @@ class Pose:
             )
         return out
 
-    def to_scanner(self, point: np.ndarray) -> np.ndarray:
-        """One point of the subject's frame to scanner LPS."""
-        return np.asarray(self.rotation @ point + self.center)
-
 
 def sacral_axes(tilt_deg: float) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors ``v`` (up the sacrum) and ``w`` (anterior) in the subject's LPS frame.
@@ -155,9 +145,6 @@ class Sample:
     w: np.ndarray
     left: np.ndarray
     region: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    z: np.ndarray
 
 
 def _superellipse(x: np.ndarray, y: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -308,4 +295,4 @@ def sample_anatomy(anat: Anatomy, points: np.ndarray) -> Sample:
         behind = (breg > 1) & (breg < 2.2) & (w.reshape(-1)[cand] < 0)
         flat[cand[behind]] = Tissue.LIGAMENT
 
-    return Sample(labels=labels, d=d, v=v * s, w=w * s, left=left, region=region, x=x, y=y, z=z)
+    return Sample(labels=labels, d=d, v=v * s, w=w * s, left=left, region=region)
