@@ -109,6 +109,17 @@ class Ingestor:
                 session.commit()
                 for cache, key, value in self._staged:
                     self._remember(cache, key, value)
+            log.debug(
+                "instance received",
+                extra=fields(
+                    outcome=result.outcome.value,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                    modality=header.modality,
+                    size=len(data),
+                ),
+            )
         except BaseException:
             if write is not None:
                 self._discard(write, relpath, header.sop_instance_uid, sha)

@@ -244,6 +244,12 @@ class StorageSCP:
             log.error("could not record an association", extra=fields(error=str(exc)))
         with self._lock:
             self._assocs[id(assoc)] = _AssocState(db_id, calling)
+        log.info(
+            "association accepted",
+            extra=fields(
+                association_id=db_id, calling_ae_title=calling, address=assoc.requestor.address
+            ),
+        )
         self.metrics.associations.labels(outcome="accepted").inc()
 
     def _on_closed(self, event: evt.Event, outcome: AssociationOutcome) -> None:
@@ -251,6 +257,15 @@ class StorageSCP:
             state = self._assocs.pop(id(event.assoc), None)
         if state is None or state.db_id is None:
             return
+        log.info(
+            "association closed",
+            extra=fields(
+                association_id=state.db_id,
+                outcome=outcome.value,
+                instances=state.instances,
+                failed=state.failed,
+            ),
+        )
         try:
             with transaction(self.sessions) as session:
                 row = session.get_one(Association, state.db_id)
