@@ -1,4 +1,4 @@
-"""Synthetic axial pelvic CT through the sacroiliac joints (Fu et al. 2024, §2.1).
+"""Synthetic axial pelvic CT through the sacroiliac joints (Fu et al. 2024, Methods).
 
 512×512 int16 slices stored as HU + 1024 (RescaleIntercept -1024, slope 1), as the paper's
 512×512 axial images; pixel spacing 0.70-0.80 mm so a 2-4 mm joint is a few pixels wide.

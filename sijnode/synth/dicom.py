@@ -62,8 +62,8 @@ class Patient:
 
 
 def make_patient(seed: int, subject_index: int, rng: np.random.Generator) -> Patient:
-    """Adults only (Fu et al. 2024 §2.1); ages 20-60 as in axSpA cohorts."""
-    age = int(rng.integers(20, 61))
+    """Adults only (Fu et al. 2024, Methods); ages 18-59 as in Lee et al. 2021 §2.1."""
+    age = int(rng.integers(18, 60))
     scan_day = BASE_DATE + timedelta(days=subject_index)
     birth = date(scan_day.year - age, 1 + int(rng.integers(0, 12)), 1 + int(rng.integers(0, 28)))
     if birth > scan_day.replace(year=birth.year):

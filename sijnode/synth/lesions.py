@@ -1,8 +1,8 @@
 """Sacroiliitis lesions as 3-D shapes in the sacral frame of :mod:`sijnode.synth.phantom`.
 
-CT (Fu et al. 2024, §2.1: cases confirmed from joint-space changes, sclerosis and
+CT (Fu et al. 2024, Methods: cases confirmed from joint-space changes, sclerosis and
 erosions): subchondral sclerosis bands, erosion pits at the joint margins with a sclerotic
-rim, and a widened or narrowed joint space. MR (Lee et al. 2021, §2.1-2.2: bone-marrow
+rim, and a widened or narrowed joint space. MR (Lee et al. 2021, §2.1 and §2.3: bone-marrow
 oedema on Gd-enhanced fat-suppressed T1, seen on consecutive slices): ellipsoids of
 enhancing marrow beside the joint. Each function returns masks for one sampled plane;
 the masks are the truth, and the renderers draw exactly them.
@@ -157,7 +157,7 @@ def random_oedema(
     """1-3 lesions per affected side, centred on slices that cut the joint.
 
     Each spans about 2-9 slices; with up to 3 per side a positive subject has a few to about
-    20 positive slices (Lee et al. 2021 §2.1: 4 to 23 per axSpA subject).
+    20 positive slices (PROTOCOLS.md B, Lee et al. 2021: 4 to 23 per axSpA subject).
     """
     limit = REGION_W * anat.scale * 0.8
     candidates = np.flatnonzero(np.abs(slice_w) < limit)

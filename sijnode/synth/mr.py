@@ -1,7 +1,8 @@
 """Synthetic oblique-coronal Gd-enhanced fat-suppressed T1 MR of the SI joints.
 
-Protocol of Lee et al. 2021 §2.1: FOV 250×250 mm, matrix 448×448, 2 mm slices with a
-0.2 mm gap, TR 544 ms, TE 11 ms, 3 T; 20-37 slices per subject (37 in the paper).
+Protocol of Lee et al. 2021 §2.1: 3 T, FOV 250×250 mm, matrix 448×448, 2 mm slices with a
+0.2 mm gap, TR 544 ms, TE 11 ms, flip angle 140°, bandwidth 326 Hz, DIXON fat suppression;
+37 slices in the paper, 20-37 per subject here.
 Fat-suppressed marrow is dark; bone-marrow oedema enhances and is bright.
 """
 
@@ -177,10 +178,10 @@ def generate_mr_study(
             ("SpacingBetweenSlices", f"{spacing:.1f}"),
             ("PercentSampling", "100"),
             ("PercentPhaseFieldOfView", "100"),
-            ("PixelBandwidth", "250"),
+            ("PixelBandwidth", "326"),
             ("AcquisitionMatrix", [0, SIZE, SIZE, 0]),
             ("InPlanePhaseEncodingDirection", "ROW"),
-            ("FlipAngle", "150"),
+            ("FlipAngle", "140"),
             ("ContrastBolusAgent", "Gadolinium"),
             ("ContrastBolusRoute", "IV"),
         ),

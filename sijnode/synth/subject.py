@@ -72,7 +72,7 @@ def make_subject(seed: int, subject_index: int, positive: bool, side: Side | Non
     """The subject ``subject_index`` of ``seed``; ``side`` is drawn when None and positive.
 
     Affected joints get a joint-space change in 60 % of sides: widened to 4.2-6 mm
-    (pseudo-widening from erosions) or narrowed to 1-1.6 mm (Fu et al. 2024 §2.1 lists
+    (pseudo-widening from erosions) or narrowed to 1-1.6 mm (Fu et al. 2024, Methods, list
     joint-space changes among the criteria).
     """
     check_counts(seed, subject_index)

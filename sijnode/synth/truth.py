@@ -83,7 +83,7 @@ def combine_sides(right: bool, left: bool) -> Side:
 
 @dataclass(frozen=True)
 class RoiBox:
-    """Bounding box of one iliac bone on one slice, in pixels (MR paper, Lee et al. 2021 §2.3).
+    """Bounding box of one iliac bone on one slice, in pixels (Lee et al. 2021 §2.2, Fig. 3).
 
     Half-open: columns ``x0 <= x < x1`` and rows ``y0 <= y < y1``, so
     ``pixels[y0:y1, x0:x1]`` is the box.
