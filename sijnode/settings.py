@@ -32,6 +32,7 @@ from sijnode.errors import ConfigurationError
 from sijnode.uids import DEFAULT_UID_ROOT, UID_PATTERN
 
 ENV_PREFIX = "SIJNODE_"
+DEFAULT_PSEUDONYM_SECRET = "change-me"
 ENV_NESTED_DELIMITER = "__"
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("sijnode_config_file", default=None)
@@ -168,7 +169,7 @@ class DatabaseSettings(_Section):
         description="SQLAlchemy URL; PostgreSQL in production: postgresql+psycopg://...",
     )
     pseudonym_secret: str = Field(
-        "change-me",
+        DEFAULT_PSEUDONYM_SECRET,
         description="Site secret for the HMAC pseudonyms of PatientID and AccessionNumber.",
     )
     allow_reidentification: bool = Field(

@@ -20,8 +20,8 @@ def serve(
     ae_title: str | None = typer.Option(None, "--ae-title", help="Override node.ae_title."),
     bind_address: str | None = typer.Option(None, "--bind", help="Override node.bind_address."),
 ) -> None:
-    """Receive studies over DICOM, assemble, route and run them (embedded worker without
-    a broker)."""
+    """Receive studies over DICOM, assemble, route and dispatch them (runs jobs itself
+    when broker.url is empty)."""
     from sijnode.cli import state
     from sijnode.daemon.node import Node
     from sijnode.logs import configure_logging

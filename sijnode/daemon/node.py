@@ -27,7 +27,7 @@ from sijnode.db.schema import EventType, Job, JobState, Study, StudyState, utcno
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentity, model_identity
-from sijnode.settings import Settings
+from sijnode.settings import DEFAULT_PSEUDONYM_SECRET, Settings
 from sijnode.workers.context import available_runners
 from sijnode.workers.embedded import EmbeddedWorker
 from sijnode.workers.jobs import WorkerContext
@@ -92,6 +92,10 @@ class Node:
         self._loop.start()
         if self.settings.metrics.port:
             self.metrics.serve(self.settings.metrics.port, self.settings.metrics.bind_address)
+        if self.settings.database.pseudonym_secret == DEFAULT_PSEUDONYM_SECRET:
+            log.warning(
+                "database.pseudonym_secret is the default: set a site secret before real use"
+            )
         with transaction(self.sessions) as session:
             record_event(session, EventType.NODE_STARTED, port=self.scp.port)
         return report
