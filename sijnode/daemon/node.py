@@ -23,7 +23,7 @@ from sijnode.daemon.scp import StorageSCP
 from sijnode.daemon.spool import Spool
 from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
 from sijnode.db.migrate import check_schema_current
-from sijnode.db.schema import EventType, Job, JobState, Study, StudyState, utcnow
+from sijnode.db.schema import EventType, Instance, Job, JobState, Study, StudyState, utcnow
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentity, model_identity
@@ -116,8 +116,6 @@ class Node:
         """Make the audit agree with the spool and resume interrupted work."""
         removed = self.spool.remove_partial_files()
         with transaction(self.sessions) as session:
-            from sijnode.db.schema import Instance
-
             known = set(session.scalars(select(Instance.spool_path)).all())
         orphans = 0
         for relpath in self.spool.iter_files():
@@ -190,6 +188,10 @@ class Node:
                 )
                 self.metrics.studies_completed.labels(reason=verdict.reason or "").inc()
                 done.append(study.id)
+            # complete but not dispatched: an earlier dispatch failed (audit or broker down)
+            done += session.scalars(
+                select(Study.id).where(Study.state == StudyState.COMPLETE, Study.id.not_in(done))
+            ).all()
         for study_id in done:
             result = self.dispatcher.dispatch_study(study_id)
             self.metrics.jobs_dispatched.inc(len(result.created))

@@ -61,6 +61,8 @@ class EmbeddedWorker:
                 log.error(
                     "embedded job failed", extra=fields(job_id=message.job_id, error=str(exc))
                 )
+            except Exception:  # the worker thread outlives a broken job
+                log.exception("embedded job raised", extra=fields(job_id=message.job_id))
             finally:
                 if self._queue.empty():
                     self._idle.set()

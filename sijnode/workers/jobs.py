@@ -78,7 +78,8 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         job = session.get_one(Job, job_id)
     try:
         final = runner(ctx, job, identity)
-    except SijnodeError as exc:
+    except Exception as exc:  # a failing pipeline fails its job, not the worker
+        log.exception("pipeline raised", extra=fields(job_id=job_id))
         with transaction(ctx.sessions) as session:
             job = session.get_one(Job, job_id)
             set_job_state(session, job, JobState.FAILED, str(exc))
