@@ -8,6 +8,7 @@ answer Success. A late instance for a study that was already dispatched reopens 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -15,20 +16,54 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import Integer, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
-from sijnode.daemon.spool import Spool, SpooledFile, content_hash
+from sijnode.daemon.spool import Spool, content_hash
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
 from sijnode.db.schema import Event, EventType, Instance, Series, Study, StudyState, utcnow
-from sijnode.errors import SijnodeError
+from sijnode.errors import SijnodeError, SpoolError
 from sijnode.logs import fields
 
 log = logging.getLogger(__name__)
+
+# Statements of the per-instance hot path, built once (PS: SQLAlchemy caches compiled forms,
+# but building the expression each time costs more than executing it on SQLite).
+_SAME_UID = select(Instance.id, Instance.sha256, Instance.study_id, Instance.spool_path).where(
+    Instance.sop_instance_uid == bindparam("b_uid")
+)
+_TOUCH_STUDY = (
+    update(Study)
+    .where(
+        Study.id == bindparam("b_id"),
+        Study.state == StudyState.RECEIVING,
+        Study.generation == bindparam("b_generation"),
+    )
+    .values(last_received_at=bindparam("b_now"))
+)
+_TOUCH_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("b_id"))
+    .values(
+        last_received_at=bindparam("b_now"),
+        # NULL (no count announced) compares unknown and keeps the stored value
+        expected_instances=case(
+            (
+                func.coalesce(Series.expected_instances, 0)
+                < bindparam("b_expected", type_=Integer),
+                bindparam("b_expected", type_=Integer),
+            ),
+            else_=Series.expected_instances,
+        ),
+    )
+)
+_INSERT_INSTANCE = insert(Instance).returning(Instance.id)
+_INSERT_EVENT = insert(Event)
 
 _CACHE_SIZE = 4096
 
@@ -85,60 +120,75 @@ class Ingestor:
     ) -> IngestResult:
         """Store and record ``data`` (an encoded instance with file meta).
 
-        The spool write (two fsyncs, GIL released) runs in a helper thread while the audit
-        rows are written; the transaction commits only after the file is durable. Raises
+        The spool write runs in a helper thread while the audit rows are written; the
+        transaction commits only after the file is durable under its final name. Raises
         InvalidInstanceError, SpoolError (DiskFullError) or AuditError; on any of them
         nothing was acknowledged and the caller must answer with a failure status.
         """
-        header = read_header(data)
-        sha = content_hash(data)
-        relpath = self.spool.relpath_for(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, sha
-        )
-        now = received_at or utcnow()
-        existed = self.spool.path(relpath).exists()
-        write = None if existed else self._writer.submit(self.spool.write, relpath, data, sha)
+        # The temporary file is written and fsynced while the header is parsed, hashed
+        # and recorded; only the rename and the directory fsync wait for all of that.
+        staged = self._writer.submit(self.spool.stage, data)
+        published = False
         try:
+            header = read_header(data)
+            sha = content_hash(data)
+            relpath = self.spool.relpath_for(
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                sha,
+            )
+            now = received_at or utcnow()
             with self._lock, transaction(self.sessions) as session:
                 self._staged.clear()
                 result = self._record(
                     session, header, sha, len(data), relpath, association_id, calling_ae_title, now
                 )
-                if write is not None:
-                    write.result()  # SpoolError propagates: the transaction rolls back
+                if result.outcome is IngestOutcome.DUPLICATE:
+                    # already stored: a re-send succeeds even if staging failed (disk full)
+                    with contextlib.suppress(SpoolError):
+                        self.spool.discard(staged.result())
+                else:
+                    tmp = staged.result()  # SpoolError: the transaction rolls back
+                    if self.spool.path(relpath).exists():
+                        self.spool.discard(tmp)
+                    else:
+                        self.spool.publish(tmp, relpath, sha)
+                        published = True
                 session.commit()
                 for cache, key, value in self._staged:
                     self._remember(cache, key, value)
-            log.debug(
-                "instance received",
-                extra=fields(
-                    outcome=result.outcome.value,
-                    study_instance_uid=header.study_instance_uid,
-                    series_instance_uid=header.series_instance_uid,
-                    sop_instance_uid=header.sop_instance_uid,
-                    modality=header.modality,
-                    size=len(data),
-                ),
-            )
         except BaseException:
-            if write is not None:
-                self._discard(write, relpath, header.sop_instance_uid, sha)
+            self._discard(staged, relpath if published else None)
             raise
+        log.debug(
+            "instance received",
+            extra=fields(
+                outcome=result.outcome.value,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                modality=header.modality,
+                size=len(data),
+            ),
+        )
         return result
 
-    def _discard(self, write: Future[SpooledFile], relpath: str, sop_uid: str, sha: str) -> None:
-        """After a failed record, remove the file we wrote unless a committed row owns it."""
+    def _discard(self, staged: Future[Path], published: str | None) -> None:
+        """After a failure: drop the staged file, and a published one no row owns."""
         try:
-            write.result()
+            self.spool.discard(staged.result())
         except SijnodeError:
-            return  # the write itself failed and cleaned up after itself
+            pass  # staging itself failed and cleaned up after itself
+        if published is None:
+            return
         try:
             with transaction(self.sessions) as session:
-                if self._find_duplicate(session, sop_uid, sha) is not None:
-                    return
+                owned = session.scalar(select(Instance.id).where(Instance.spool_path == published))
         except SijnodeError:
-            pass  # audit unreachable: removing the unrecorded file is still right
-        self.spool.path(relpath).unlink(missing_ok=True)
+            owned = None  # audit unreachable: the file was not recorded by us
+        if owned is None:
+            self.spool.path(published).unlink(missing_ok=True)
 
     def record_spooled(self, relpath: str) -> IngestResult | None:
         """Record a spooled file that has no row (a crash between write and commit)."""
@@ -168,12 +218,9 @@ class Ingestor:
         calling_ae_title: str | None,
         now: datetime,
     ) -> IngestResult:
-        """Write the instance's rows (Core statements on the hot path) in ``session``."""
-        same_uid = session.execute(
-            select(Instance.id, Instance.sha256, Instance.study_id, Instance.spool_path).where(
-                Instance.sop_instance_uid == header.sop_instance_uid
-            )
-        ).all()
+        """Write the instance's rows in ``session`` (prebuilt statements on the hot path)."""
+        conn = session.connection()
+        same_uid = conn.execute(_SAME_UID, {"b_uid": header.sop_instance_uid}).all()
         study_id, generation, reopened = self._touch_study(session, header, calling_ae_title, now)
         duplicate = next((row for row in same_uid if row.sha256 == sha), None)
         if duplicate is not None:
@@ -184,35 +231,34 @@ class Ingestor:
                 EventType.INSTANCE_DUPLICATE,
                 study_id,
                 association_id,
-                sop_instance_uid=header.sop_instance_uid,
+                {"sop_instance_uid": header.sop_instance_uid},
             )
             return IngestResult(
                 IngestOutcome.DUPLICATE, study_id, duplicate.id, duplicate.spool_path, reopened
             )
         series_id = self._touch_series(session, study_id, header, now)
         conflict = bool(same_uid)
-        instance_id = session.execute(
-            insert(Instance)
-            .values(
-                series_id=series_id,
-                study_id=study_id,
-                association_id=association_id,
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                size_bytes=size,
-                sha256=sha,
-                spool_path=relpath,
-                instance_number=header.instance_number,
-                slice_position=header.slice_position,
-                conflict=conflict,
-                received_at=now,
-                generation=generation,
-            )
-            .returning(Instance.id)
+        instance_id = conn.execute(
+            _INSERT_INSTANCE,
+            {
+                "series_id": series_id,
+                "study_id": study_id,
+                "association_id": association_id,
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "size_bytes": size,
+                "sha256": sha,
+                "spool_path": relpath,
+                "instance_number": header.instance_number,
+                "slice_position": header.slice_position,
+                "conflict": conflict,
+                "received_at": now,
+                "generation": generation,
+            },
         ).scalar_one()
         if conflict:
-            session.execute(
+            conn.execute(
                 update(Instance)
                 .where(Instance.id.in_([row.id for row in same_uid]))
                 .values(conflict=True)
@@ -226,9 +272,7 @@ class Ingestor:
             EventType.INSTANCE_CONFLICT if conflict else EventType.INSTANCE_STORED,
             study_id,
             association_id,
-            sop_instance_uid=header.sop_instance_uid,
-            sha256=sha,
-            size=size,
+            {"sop_instance_uid": header.sop_instance_uid, "sha256": sha, "size": size},
         )
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
         return IngestResult(outcome, study_id, instance_id, relpath, reopened)
@@ -239,16 +283,17 @@ class Ingestor:
         type_: EventType,
         study_id: int,
         association_id: int | None,
-        **detail: object,
+        detail: dict[str, object],
     ) -> None:
-        session.execute(
-            insert(Event).values(
-                type=type_,
-                study_id=study_id,
-                association_id=association_id,
-                detail=detail,
-                at=utcnow(),
-            )
+        session.connection().execute(
+            _INSERT_EVENT,
+            {
+                "type": type_,
+                "study_id": study_id,
+                "association_id": association_id,
+                "detail": detail,
+                "at": utcnow(),
+            },
         )
 
     def _touch_study(
@@ -262,16 +307,10 @@ class Ingestor:
         cached = self._studies.get(header.study_instance_uid)
         if cached is not None:
             study_id, generation = cached
-            touched = session.execute(
-                update(Study)
-                .where(
-                    Study.id == study_id,
-                    Study.state == StudyState.RECEIVING,
-                    Study.generation == generation,
-                )
-                .values(last_received_at=now)
+            touched = session.connection().execute(
+                _TOUCH_STUDY, {"b_id": study_id, "b_generation": generation, "b_now": now}
             )
-            if touched.rowcount == 1:  # type: ignore[attr-defined]
+            if touched.rowcount == 1:
                 return study_id, generation, False
         study, reopened = self._study(session, header, calling_ae_title, now)
         self._staged.append(
@@ -284,20 +323,14 @@ class Ingestor:
     ) -> int:
         expected = header.images_in_acquisition or header.series_related_instances
         series_id = self._series_ids.get(header.series_instance_uid)
-        if series_id is None:
-            series_id = self._series(session, study_id, header, now).id
-            self._staged.append((self._series_ids, header.series_instance_uid, series_id))
-            return series_id
-        values: dict[str, object] = {"last_received_at": now}
-        if expected is not None:
-            values["expected_instances"] = case(
-                (func.coalesce(Series.expected_instances, 0) < expected, expected),
-                else_=Series.expected_instances,
+        if series_id is not None:
+            touched = session.connection().execute(
+                _TOUCH_SERIES, {"b_id": series_id, "b_now": now, "b_expected": expected}
             )
-        touched = session.execute(update(Series).where(Series.id == series_id).values(**values))
-        if touched.rowcount != 1:  # type: ignore[attr-defined]
-            series_id = self._series(session, study_id, header, now).id
-            self._staged.append((self._series_ids, header.series_instance_uid, series_id))
+            if touched.rowcount == 1:
+                return series_id
+        series_id = self._series(session, study_id, header, now).id
+        self._staged.append((self._series_ids, header.series_instance_uid, series_id))
         return series_id
 
     @staticmethod

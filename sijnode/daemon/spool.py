@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,14 +75,17 @@ class Spool:
         final = self.root / relpath
         if final.exists() and final.stat().st_size == len(data):
             return SpooledFile(relpath, sha256, len(data))
+        return self.publish(self.stage(data), relpath, sha256)
+
+    def stage(self, data: bytes) -> Path:
+        """Write ``data`` to a new temporary file and fsync it (step 1 of an atomic write).
+
+        Needs no UID or hash, so it can run while the header is still being parsed.
+        """
         self.check_free_space(len(data))
-        if not final.parent.exists():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(final.parent.parent)
-            _fsync_dir(self.root)
-        tmp = self.root / TMP_DIR / f"{sha256}.{os.getpid()}.{id(data)}.part"
+        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.part"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
                 while view:
@@ -90,14 +94,30 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _spool_error(exc, "a temporary file") from exc
+        return tmp
+
+    def publish(self, tmp: Path, relpath: str, sha256: str) -> SpooledFile:
+        """Rename a staged file to ``relpath`` and fsync the directory (step 2)."""
+        final = self.root / relpath
+        try:
+            if not final.parent.exists():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(final.parent.parent)
+                _fsync_dir(self.root)
+            size = tmp.stat().st_size
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"spool filesystem is full: {exc.strerror}") from exc
-            raise SpoolError(f"could not write {relpath}: {exc.strerror}") from exc
-        return SpooledFile(relpath, sha256, len(data))
+            raise _spool_error(exc, relpath) from exc
+        return SpooledFile(relpath, sha256, size)
+
+    def discard(self, tmp: Path) -> None:
+        """Remove a staged file that will not be published."""
+        tmp.unlink(missing_ok=True)
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a spooled file."""
@@ -123,6 +143,12 @@ class Spool:
             path.unlink(missing_ok=True)
             count += 1
         return count
+
+
+def _spool_error(exc: OSError, what: str) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"spool filesystem is full: {exc.strerror}")
+    return SpoolError(f"could not write {what}: {exc.strerror}")
 
 
 def _fsync_dir(path: Path) -> None:
