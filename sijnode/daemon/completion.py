@@ -78,20 +78,31 @@ def assess(session: Session, study: Study, rules: CompletionSettings, now: datet
             Instance.sop_instance_uid,
             Instance.instance_number,
             Instance.slice_position,
+            Instance.generation,
+            Instance.received_at,
         )
         .join(Instance, Instance.series_id == Series.id)
         .where(Series.study_id == study.id)
     ).all()
     per_series: dict[str, tuple[int | None, dict[str, tuple[int | None, float | None]]]] = {}
-    for series_uid, expected, sop_uid, number, position in rows:
+    generation_start: datetime | None = None
+    for series_uid, expected, sop_uid, number, position, generation, received in rows:
         _, instances = per_series.setdefault(series_uid, (expected, {}))
         instances[sop_uid] = (number, position)
+        if generation == study.generation:
+            received = as_utc(received)
+            generation_start = min(generation_start or received, received)
     verdicts = {
         uid: series_content(expected, [n for n, _ in inst.values()], [p for _, p in inst.values()])
         for uid, (expected, inst) in per_series.items()
     }
     quiet = (now - as_utc(study.last_received_at)).total_seconds()
-    age = (now - as_utc(study.first_received_at)).total_seconds()
+    # The hard cap counts from the first instance of the current generation, so a study
+    # reopened by late instances gets its quiet period again.
+    start = generation_start or as_utc(
+        study.first_received_at if study.generation == 1 else study.last_received_at
+    )
+    age = (now - start).total_seconds()
     if age >= rules.hard_cap_seconds:
         return Verdict(True, "hard_cap", verdicts)
     if verdicts and all(v is SeriesContent.COMPLETE for v in verdicts.values()):

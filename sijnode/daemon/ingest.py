@@ -375,7 +375,6 @@ class Ingestor:
             study.completed_at = None
             study.completion_reason = None
             study.ignored_reason = None
-            study.first_received_at = now
             reopened = True
             record_event(
                 session,
