@@ -45,7 +45,8 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
     from sijnode.models.identity import model_identity
 
     with transaction(ctx.sessions) as session:
-        job = session.get(Job, job_id)
+        # Row lock (PostgreSQL): workers that got the same job twice take turns.
+        job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
         if job.state in TERMINAL_JOB_STATES:
