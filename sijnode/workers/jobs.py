@@ -45,7 +45,7 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
     from sijnode.models.identity import model_identity
 
     with transaction(ctx.sessions) as session:
-        # Row lock (PostgreSQL): workers that got the same job twice take turns.
+        # Row lock (PostgreSQL): a job delivered to two workers keeps a consistent claim.
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
