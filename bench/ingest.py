@@ -36,6 +36,8 @@ from sijnode.settings import load_settings
 from sijnode.uids import DEFAULT_UID_ROOT, make_uid
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+BARE = "bare pynetdicom SCP"
+DURABLE = "bare SCP, durable write"
 
 
 def make_slices(folder: Path, n: int = 300, size: int = 512) -> list[Path]:
@@ -111,19 +113,27 @@ def storescu(port: int, files: list[Path], associations: int) -> float:
 
 @contextmanager
 def bare_scp(root: Path, durable: bool = False) -> Iterator[tuple[int, list[float]]]:
-    """A minimal pynetdicom SCP that writes the raw bytes (``durable``: and fsyncs them)."""
+    """A minimal pynetdicom SCP that writes the raw bytes (``durable``: atomically, fsynced)."""
     times: list[float] = []
     root.mkdir(parents=True, exist_ok=True)
 
     def handle(event: evt.Event) -> int:
         t0 = time.perf_counter()
         data = event.encoded_dataset()
-        path = root / f"{event.request.AffectedSOPInstanceUID}.dcm"
-        with path.open("wb") as fh:
-            fh.write(data)
-            if durable:
+        name = f"{event.request.AffectedSOPInstanceUID}.dcm"
+        if durable:
+            # the same atomic write sijnode must do: temporary file, fsync, rename, dir fsync
+            tmp = root / f".{name}.part"
+            with tmp.open("wb") as fh:
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.replace(tmp, root / name)
+            fd = os.open(root, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        else:
+            (root / name).write_bytes(data)
         times.append((time.perf_counter() - t0) * 1000)
         return 0
 
@@ -226,8 +236,8 @@ def main() -> None:
         tmp = Path(tmp_name)
         files = make_slices(tmp / "slices", args.slices)
         receivers: dict[str, Callable[[Path], object]] = {
-            "bare pynetdicom SCP": lambda d: bare_scp(d / "bare"),
-            "bare SCP + fsync": lambda d: bare_scp(d / "bare", durable=True),
+            BARE: lambda d: bare_scp(d / "bare"),
+            DURABLE: lambda d: bare_scp(d / "bare", durable=True),
             "sijnode (SQLite)": lambda d: sijnode_scp(d, f"sqlite:///{d / 'audit.db'}"),
             "sijnode (PostgreSQL)": lambda d: sijnode_scp(d, _fresh_pg_schema(f"bench_{d.name}")),
         }
@@ -261,19 +271,22 @@ def render(runs: list[Run], slices: int) -> str:
         "",
         f"DCMTK `storescu` sends {slices} CT slices of 512×512 int16 (about "
         f"{runs[0].megabytes:.0f} MB) to each receiver; medians of the interleaved rounds. "
-        "The bare SCP writes the raw bytes only (the reference of the target); the second "
-        "row also fsyncs each file, for scale. sijnode writes them durably (temporary file, "
-        "fsync, rename, directory fsync), records instance, series, study and event rows in "
-        "the audit before answering, and runs its completion loop. Handler time is the "
+        "The bare SCP writes the raw bytes only (the reference of the target). The second "
+        "bare SCP writes them as durably as sijnode must (temporary file, fsync, rename, "
+        "directory fsync) and nothing else. sijnode does that write, parses the header, "
+        "hashes the bytes, records instance, series, study and event rows in the audit "
+        "(committed) before answering, and runs its completion loop. Handler time is the "
         "C-STORE handler's own time per instance.",
         "",
-        "| receiver | associations | instances/s | MB/s | p95 handler ms | ratio to bare |",
-        "|---|---|---|---|---|---|",
+        "| receiver | associations | instances/s | MB/s | p95 handler ms | ratio to bare "
+        "| ratio to durable bare |",
+        "|---|---|---|---|---|---|---|",
     ]
     for associations in (1, 4):
         subset = [r for r in runs if r.associations == associations]
         names = list(dict.fromkeys(r.receiver for r in subset))
-        base = statistics.median(r.per_second for r in subset if r.receiver == names[0])
+        base = statistics.median(r.per_second for r in subset if r.receiver == BARE)
+        durable = statistics.median(r.per_second for r in subset if r.receiver == DURABLE)
         for name in names:
             mine = [r for r in subset if r.receiver == name]
             rate = statistics.median(r.per_second for r in mine)
@@ -281,9 +294,10 @@ def render(runs: list[Run], slices: int) -> str:
             p95 = statistics.median(r.p95_ms for r in mine)
             lines.append(
                 f"| {name} | {associations} | {rate:.1f} | {mbps:.1f} | {p95:.2f} | "
-                f"{rate / base:.2f}× |"
+                f"{rate / base:.2f}× | {rate / durable:.2f}× |"
             )
-    bare = [r for r in runs if r.receiver.startswith("bare") and r.associations == 1]
+    bare = [r for r in runs if r.receiver == BARE and r.associations == 1]
+    durable_runs = [r for r in runs if r.receiver == DURABLE and r.associations == 1]
     sq = [r for r in runs if r.receiver.endswith("(SQLite)") and r.associations == 1]
     pg = [r for r in runs if r.receiver.endswith("(PostgreSQL)") and r.associations == 1]
     med = statistics.median
@@ -293,9 +307,11 @@ def render(runs: list[Run], slices: int) -> str:
 
     lines += [
         "",
-        f"Audit and durability cost per instance (median handler time over the bare SCP's): "
-        f"SQLite +{handler(sq) - handler(bare):.2f} ms, "
-        f"PostgreSQL +{handler(pg) - handler(bare):.2f} ms.",
+        f"Cost per instance, median handler time over the bare SCP's: SQLite "
+        f"+{handler(sq) - handler(bare):.2f} ms, PostgreSQL +{handler(pg) - handler(bare):.2f} "
+        f"ms; over the durable bare SCP's (header, hash and audit alone): SQLite "
+        f"+{handler(sq) - handler(durable_runs):.2f} ms, PostgreSQL "
+        f"+{handler(pg) - handler(durable_runs):.2f} ms.",
         "",
     ]
     return "\n".join(lines)
