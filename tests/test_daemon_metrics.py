@@ -41,3 +41,32 @@ def test_metrics_count_instances_associations_and_completion(tmp_path: Path) -> 
     # 3 of the 4 announced slices arrived: complete by the quiet timer, gaps recorded
     completed = {k: v for k, v in m.items() if k.startswith("sijnode_studies_completed_total")}
     assert completed == {"sijnode_studies_completed_total{reason=quiet_timer_with_gaps}": 1.0}
+
+
+def test_busy_port_stops_the_node_cleanly(tmp_path: Path) -> None:
+    import socket
+
+    import pytest
+
+    from sijnode.daemon.node import Node
+    from sijnode.db.migrate import upgrade
+    from sijnode.errors import ConfigurationError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        settings = node_settings(tmp_path, metrics={"port": taken})
+        upgrade(settings.database.url)
+        node = Node(settings)
+        with pytest.raises(ConfigurationError, match=rf"metrics.port: cannot listen on .*:{taken}"):
+            node.start()
+        # nothing half-started: the DICOM port is free and no worker thread runs
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", settings.node.port))
+        assert node.embedded is not None and not node.embedded._thread.is_alive()
+        # and the DICOM port taken gives the same kind of error
+        other = node_settings(tmp_path / "b", node={"port": taken})
+        upgrade(other.database.url)
+        with pytest.raises(ConfigurationError, match=rf"node.port: cannot listen on .*:{taken}"):
+            Node(other).start()

@@ -6,6 +6,8 @@ One registry per node, passed in (no module-level collectors), served on
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
@@ -14,6 +16,7 @@ class NodeMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._server: WSGIServer | None = None
         r = self.registry
         self.instances = Counter(
             "sijnode_instances_received", "Instances received, by outcome", ["outcome"], registry=r
@@ -43,4 +46,12 @@ class NodeMetrics:
 
     def serve(self, port: int, address: str) -> None:
         """Start the HTTP endpoint in a daemon thread."""
-        start_http_server(port, addr=address, registry=self.registry)
+        self._server, _ = start_http_server(port, addr=address, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if it runs."""
+        server = self._server
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            self._server = None

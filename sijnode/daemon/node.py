@@ -24,7 +24,7 @@ from sijnode.daemon.spool import Spool
 from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
 from sijnode.db.migrate import check_schema_current
 from sijnode.db.schema import EventType, Instance, Job, JobState, Study, StudyState, utcnow
-from sijnode.errors import SijnodeError
+from sijnode.errors import ConfigurationError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentity, model_identity
 from sijnode.settings import DEFAULT_PSEUDONYM_SECRET, Settings
@@ -84,20 +84,42 @@ class Node:
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self) -> RecoveryReport:
-        """Recover, then start the worker, the listener, the loop and metrics."""
-        if self.embedded is not None:
-            self.embedded.start()
-        report = self.recover()
-        self.scp.start()
-        self._loop.start()
-        if self.settings.metrics.port:
-            self.metrics.serve(self.settings.metrics.port, self.settings.metrics.bind_address)
-        if self.settings.database.pseudonym_secret == DEFAULT_PSEUDONYM_SECRET:
-            log.warning(
-                "database.pseudonym_secret is the default: set a site secret before real use"
-            )
-        with transaction(self.sessions) as session:
-            record_event(session, EventType.NODE_STARTED, port=self.scp.port)
+        """Bind the ports, recover, then start the worker, the listener and the loop.
+
+        Any failure stops what was started and raises a SijnodeError that names the cause,
+        so a node never runs half-started.
+        """
+        try:
+            if self.settings.metrics.port:
+                address = f"{self.settings.metrics.bind_address}:{self.settings.metrics.port}"
+                try:
+                    self.metrics.serve(
+                        self.settings.metrics.port, self.settings.metrics.bind_address
+                    )
+                except OSError as exc:
+                    raise ConfigurationError(
+                        f"metrics.port: cannot listen on {address}: {exc.strerror}"
+                    ) from exc
+            if self.embedded is not None:
+                self.embedded.start()
+            report = self.recover()
+            try:
+                self.scp.start()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"node.port: cannot listen on {self.settings.node.bind_address}:"
+                    f"{self.settings.node.port}: {exc.strerror}"
+                ) from exc
+            self._loop.start()
+            if self.settings.database.pseudonym_secret == DEFAULT_PSEUDONYM_SECRET:
+                log.warning(
+                    "database.pseudonym_secret is the default: set a site secret before real use"
+                )
+            with transaction(self.sessions) as session:
+                record_event(session, EventType.NODE_STARTED, port=self.scp.port)
+        except BaseException:
+            self.stop()
+            raise
         return report
 
     def stop(self) -> None:
@@ -109,6 +131,7 @@ class Node:
             self._loop.join(10)
         if self.embedded is not None:
             self.embedded.stop()
+        self.metrics.close()
 
     # -- recovery -----------------------------------------------------------------------
 
