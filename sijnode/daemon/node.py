@@ -26,7 +26,7 @@ from sijnode.db.migrate import check_schema_current
 from sijnode.db.schema import EventType, Instance, Job, JobState, Study, StudyState, utcnow
 from sijnode.errors import ConfigurationError, SijnodeError
 from sijnode.logs import fields
-from sijnode.models.identity import ModelIdentity, model_identity
+from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import DEFAULT_PSEUDONYM_SECRET, Settings
 from sijnode.workers.context import available_runners
 from sijnode.workers.embedded import EmbeddedWorker
@@ -63,6 +63,7 @@ class Node:
         )
         self.embedded: EmbeddedWorker | None = None
         self.queue = self._make_queue()
+        self.models = ModelIdentities(settings.pipelines)
         self.dispatcher = Dispatcher(settings, sessions, self.queue, self._model)
         self.scp = StorageSCP(settings.node, self.ingestor, self.metrics)
         self._stop = threading.Event()
@@ -79,7 +80,7 @@ class Node:
         return CeleryQueue(make_celery(self.settings), self.settings.broker.queue)
 
     def _model(self, pipeline: str) -> ModelIdentity | None:
-        return model_identity(pipeline, self.settings.pipelines.get(pipeline))
+        return self.models(pipeline)
 
     # -- life cycle ---------------------------------------------------------------------
 

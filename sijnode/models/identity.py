@@ -47,3 +47,32 @@ def model_identity(pipeline: str, settings: PipelineSettings | None) -> ModelIde
             f"pipelines.{pipeline}.checkpoint = {str(path)!r}: expected an existing file"
         )
     return ModelIdentity(pipeline, path, file_sha256(path))
+
+
+class ModelIdentities:
+    """Model identities of the configured pipelines, hashing each checkpoint once.
+
+    A checkpoint is hashed again only when its size or modification time changes, so
+    routing a study does not read a large weights file every time.
+    """
+
+    def __init__(self, pipelines: dict[str, PipelineSettings]) -> None:
+        self.pipelines = pipelines
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, pipeline: str) -> ModelIdentity | None:
+        """The identity of ``pipeline``'s model, or None without a checkpoint."""
+        settings = self.pipelines.get(pipeline)
+        if settings is None or settings.checkpoint is None:
+            return None
+        path = settings.checkpoint
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"pipelines.{pipeline}.checkpoint = {str(path)!r}: expected an existing file"
+            ) from exc
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = file_sha256(path)
+        return ModelIdentity(pipeline, path, self._hashes[key])
