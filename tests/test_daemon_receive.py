@@ -279,3 +279,24 @@ def test_per_association_limit(tmp_path: Path) -> None:
     settings = node_settings(tmp_path, node={"max_instances_per_association": 2})
     with running_node(settings) as node:
         assert send(make_study("limit", n=3), node.scp.port) == [SUCCESS, SUCCESS, OUT_OF_RESOURCES]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_reidentification_map_only_when_allowed(tmp_path: Path, allowed: bool) -> None:
+    from sijnode.db.pseudonyms import patient_pseudonym
+    from sijnode.db.reid import reidentify
+    from sijnode.db.schema import Reidentification
+    from tests.studies import PATIENT_ID
+
+    settings = node_settings(tmp_path, database={"allow_reidentification": allowed})
+    with running_node(settings) as node:
+        assert send(make_study("reid", n=2), node.scp.port) == [SUCCESS] * 2
+        with node.sessions() as s:
+            study = s.scalars(select(Study)).one()
+            assert study.patient_pseudonym == patient_pseudonym(PATIENT_ID, "test-secret")
+            rows = s.scalars(select(Reidentification)).all()
+            if allowed:
+                assert len(rows) == 2  # patient and accession, once per study
+                assert reidentify(s, study.patient_pseudonym) == ("patient", PATIENT_ID)
+            else:
+                assert rows == []

@@ -26,9 +26,11 @@ from sijnode.daemon.header import InstanceHeader, read_header
 from sijnode.daemon.spool import Spool, content_hash
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
+from sijnode.db.reid import remember_identifiers
 from sijnode.db.schema import Event, EventType, Instance, Series, Study, StudyState, utcnow
 from sijnode.errors import SijnodeError, SpoolError
 from sijnode.logs import fields
+from sijnode.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,13 @@ class Ingestor:
         self,
         spool: Spool,
         sessions: sessionmaker[Session],
-        pseudonym_secret: str,
+        audit: DatabaseSettings,
         site: str = "default",
     ) -> None:
         self.spool = spool
         self.sessions = sessions
-        self.secret = pseudonym_secret
+        self.audit = audit
+        self.secret = audit.pseudonym_secret
         self.site = site
         # Study and series rows are get-or-create; one writer at a time keeps that simple
         # and SQLite serialises writers anyway.
@@ -365,6 +368,8 @@ class Ingestor:
             )
             session.add(study)
             session.flush()
+            # off by default: writes nothing unless database.allow_reidentification is on
+            remember_identifiers(session, self.audit, header.patient_id, header.accession_number)
             return study, False
         if study.state != StudyState.RECEIVING:
             # A late instance: the study is assembled again and re-run after the quiet
