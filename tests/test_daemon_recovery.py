@@ -127,7 +127,7 @@ def test_queued_job_is_sent_again_after_restart(tmp_path: Path, redis_url: str) 
     # same database and spool, embedded worker this time (no broker)
     second = first.model_copy(update={"broker": first.broker.model_copy(update={"url": ""})})
     with running_node(second, migrate=False) as node:
-        assert node.embedded is not None and node.embedded.wait_idle(30)
+        assert node.embedded is not None, "no broker: the node runs jobs itself"
 
         def states() -> list[JobState]:
             with node.sessions() as s:

@@ -55,11 +55,18 @@ def test_new_weights_give_a_new_job_and_no_model_jobs_are_sent_again(tmp_path: P
     )
     with running_node(with_model, migrate=False) as node:
         # the waiting job is sent again at start-up and runs once more
-        wait_for(lambda: _jobs(node)[0].attempts == 2)
-        with node.sessions() as s:
-            details = s.scalars(
-                select(JobTransition.detail).where(JobTransition.state == JobState.NO_MODEL)
-            ).all()
+        def waits() -> list[str | None]:
+            with node.sessions() as s:
+                return list(
+                    s.scalars(
+                        select(JobTransition.detail)
+                        .where(JobTransition.state == JobState.NO_MODEL)
+                        .order_by(JobTransition.id)
+                    )
+                )
+
+        details = wait_for(lambda: len(waits()) == 2 and waits())
+        assert _jobs(node)[0].attempts == 2
         assert "no model configured" in details[0]
         assert "no implementation" in details[-1]
         # the same study again, now with a model: a new job under the new model version
