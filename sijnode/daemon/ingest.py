@@ -193,6 +193,10 @@ class Ingestor:
         if owned is None:
             self.spool.path(published).unlink(missing_ok=True)
 
+    def close(self) -> None:
+        """Finish pending spool writes and stop the helper threads."""
+        self._writer.shutdown(wait=True)
+
     def record_spooled(self, relpath: str) -> IngestResult | None:
         """Record a spooled file that has no row (a crash between write and commit)."""
         data = self.spool.read(relpath)

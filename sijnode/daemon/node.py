@@ -130,6 +130,7 @@ class Node:
             self._loop.join(10)
         if self.embedded is not None:
             self.embedded.stop()
+        self.ingestor.close()
         self.metrics.close()
 
     # -- recovery -----------------------------------------------------------------------
