@@ -11,6 +11,7 @@ from sijnode.db.migrate import upgrade
 from sijnode.db.records import record_prediction
 from sijnode.db.schema import Event, EventType, Job, JobState, JobTransition, Study
 from sijnode.settings import load_settings
+from sijnode.workers.context import make_worker_context
 from sijnode.workers.jobs import WorkerContext, execute_job
 
 
@@ -35,7 +36,7 @@ def _run_threads(url: str, work) -> list[BaseException]:
 
     def worker(index: int) -> None:
         # one engine per worker, as separate worker processes would have
-        ctx = WorkerContext(settings, make_sessionmaker(make_engine(url)), {})
+        ctx = make_worker_context(settings)
         try:
             work(ctx, index)
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below

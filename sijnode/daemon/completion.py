@@ -71,6 +71,11 @@ def series_content(
 
 def assess(session: Session, study: Study, rules: CompletionSettings, now: datetime) -> Verdict:
     """Decide whether ``study`` (state receiving) is complete at ``now``."""
+    quiet = (now - as_utc(study.last_received_at)).total_seconds()
+    earliest = min(rules.content_quiet_seconds, rules.quiet_seconds, rules.hard_cap_seconds)
+    if quiet < earliest and (now - as_utc(study.first_received_at)).total_seconds() < earliest:
+        # still arriving and young: no rule can hold yet, so skip reading its instances
+        return Verdict(False)
     rows = session.execute(
         select(
             Series.series_instance_uid,
@@ -96,7 +101,6 @@ def assess(session: Session, study: Study, rules: CompletionSettings, now: datet
         uid: series_content(expected, [n for n, _ in inst.values()], [p for _, p in inst.values()])
         for uid, (expected, inst) in per_series.items()
     }
-    quiet = (now - as_utc(study.last_received_at)).total_seconds()
     # The hard cap counts from the first instance of the current generation, so a study
     # reopened by late instances gets its quiet period again.
     start = generation_start or as_utc(

@@ -86,7 +86,6 @@ class IngestResult:
     study_id: int
     instance_id: int
     relpath: str
-    reopened: bool = False
 
 
 class Ingestor:
@@ -156,7 +155,7 @@ class Ingestor:
                     if self.spool.path(relpath).exists():
                         self.spool.discard(tmp)
                     else:
-                        self.spool.publish(tmp, relpath, sha)
+                        self.spool.publish(tmp, relpath)
                         published = True
                 session.commit()
                 for cache, key, value in self._staged:
@@ -228,7 +227,7 @@ class Ingestor:
         """Write the instance's rows in ``session`` (prebuilt statements on the hot path)."""
         conn = session.connection()
         same_uid = conn.execute(_SAME_UID, {"b_uid": header.sop_instance_uid}).all()
-        study_id, generation, reopened = self._touch_study(session, header, calling_ae_title, now)
+        study_id, generation = self._touch_study(session, header, calling_ae_title, now)
         duplicate = next((row for row in same_uid if row.sha256 == sha), None)
         if duplicate is not None:
             # A re-send touches the study (above), so it is judged again and, if it was
@@ -241,7 +240,7 @@ class Ingestor:
                 {"sop_instance_uid": header.sop_instance_uid},
             )
             return IngestResult(
-                IngestOutcome.DUPLICATE, study_id, duplicate.id, duplicate.spool_path, reopened
+                IngestOutcome.DUPLICATE, study_id, duplicate.id, duplicate.spool_path
             )
         series_id = self._touch_series(session, study_id, header, now)
         conflict = bool(same_uid)
@@ -282,7 +281,7 @@ class Ingestor:
             {"sop_instance_uid": header.sop_instance_uid, "sha256": sha, "size": size},
         )
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
-        return IngestResult(outcome, study_id, instance_id, relpath, reopened)
+        return IngestResult(outcome, study_id, instance_id, relpath)
 
     @staticmethod
     def _event(
@@ -309,7 +308,7 @@ class Ingestor:
         header: InstanceHeader,
         calling_ae_title: str | None,
         now: datetime,
-    ) -> tuple[int, int, bool]:
+    ) -> tuple[int, int]:
         """Study id and generation; a cheap conditional UPDATE while it is receiving."""
         cached = self._studies.get(header.study_instance_uid)
         if cached is not None:
@@ -318,12 +317,12 @@ class Ingestor:
                 _TOUCH_STUDY, {"b_id": study_id, "b_generation": generation, "b_now": now}
             )
             if touched.rowcount == 1:
-                return study_id, generation, False
-        study, reopened = self._study(session, header, calling_ae_title, now)
+                return study_id, generation
+        study = self._study(session, header, calling_ae_title, now)
         self._staged.append(
             (self._studies, header.study_instance_uid, (study.id, study.generation))
         )
-        return study.id, study.generation, reopened
+        return study.id, study.generation
 
     def _touch_series(
         self, session: Session, study_id: int, header: InstanceHeader, now: datetime
@@ -353,11 +352,10 @@ class Ingestor:
         header: InstanceHeader,
         calling_ae_title: str | None,
         now: datetime,
-    ) -> tuple[Study, bool]:
+    ) -> Study:
         study = session.scalars(
             select(Study).where(Study.study_instance_uid == header.study_instance_uid)
         ).first()
-        reopened = False
         if study is None:
             study = Study(
                 study_instance_uid=header.study_instance_uid,
@@ -374,7 +372,7 @@ class Ingestor:
             session.flush()
             # off by default: writes nothing unless database.allow_reidentification is on
             remember_identifiers(session, self.audit, header.patient_id, header.accession_number)
-            return study, False
+            return study
         if study.state != StudyState.RECEIVING:
             # A late instance: the study is assembled again and re-run after the quiet
             # period; the new job supersedes the earlier one (LANDSCAPE.md, lead 1).
@@ -384,7 +382,6 @@ class Ingestor:
             study.completed_at = None
             study.completion_reason = None
             study.ignored_reason = None
-            reopened = True
             record_event(
                 session,
                 EventType.STUDY_REOPENED,
@@ -393,7 +390,7 @@ class Ingestor:
                 generation=study.generation,
             )
         study.last_received_at = now
-        return study, reopened
+        return study
 
     def _series(
         self, session: Session, study_id: int, header: InstanceHeader, now: datetime

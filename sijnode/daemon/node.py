@@ -26,11 +26,10 @@ from sijnode.db.migrate import check_schema_current
 from sijnode.db.schema import EventType, Instance, Job, JobState, Study, StudyState, utcnow
 from sijnode.errors import ConfigurationError, SijnodeError
 from sijnode.logs import fields
-from sijnode.models.identity import ModelIdentities, ModelIdentity
+from sijnode.models.identity import ModelIdentities
 from sijnode.settings import DEFAULT_PSEUDONYM_SECRET, Settings
-from sijnode.workers.context import available_runners
+from sijnode.workers.context import make_worker_context
 from sijnode.workers.embedded import EmbeddedWorker
-from sijnode.workers.jobs import WorkerContext
 from sijnode.workers.queue import CeleryQueue, JobQueue
 
 log = logging.getLogger(__name__)
@@ -59,10 +58,10 @@ class Node:
         self.metrics = NodeMetrics()
         self.spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb * 2**20)
         self.ingestor = Ingestor(self.spool, sessions, settings.database, settings.node.site)
+        self.models = ModelIdentities(settings.pipelines)
         self.embedded: EmbeddedWorker | None = None
         self.queue = self._make_queue()
-        self.models = ModelIdentities(settings.pipelines)
-        self.dispatcher = Dispatcher(settings, sessions, self.queue, self._model)
+        self.dispatcher = Dispatcher(settings, sessions, self.queue, self.models)
         self.scp = StorageSCP(settings.node, self.ingestor, self.metrics)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -70,15 +69,12 @@ class Node:
 
     def _make_queue(self) -> JobQueue:
         if not self.settings.broker.url:
-            ctx = WorkerContext(self.settings, self.sessions, available_runners())
+            ctx = make_worker_context(self.settings, self.sessions, self.models)
             self.embedded = EmbeddedWorker(ctx)
             return self.embedded
         from sijnode.workers.celery_app import make_celery
 
         return CeleryQueue(make_celery(self.settings), self.settings.broker.queue)
-
-    def _model(self, pipeline: str) -> ModelIdentity | None:
-        return self.models(pipeline)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -179,7 +175,7 @@ class Node:
 
     def _has_model(self, pipeline: str) -> bool:
         try:
-            return self._model(pipeline) is not None
+            return self.models(pipeline) is not None
         except SijnodeError:
             return False
 

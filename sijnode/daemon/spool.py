@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from sijnode.errors import DiskFullError, InvalidInstanceError, SpoolError
@@ -21,15 +20,6 @@ from sijnode.uids import is_valid_uid
 
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
-
-
-@dataclass(frozen=True)
-class SpooledFile:
-    """Where an instance was written, relative to the spool root, and its hash."""
-
-    relpath: str
-    sha256: str
-    size: int
 
 
 def content_hash(data: bytes) -> str:
@@ -70,13 +60,6 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB; instance refused"
             )
 
-    def write(self, relpath: str, data: bytes, sha256: str) -> SpooledFile:
-        """Write ``data`` atomically at ``relpath``; idempotent if the file exists."""
-        final = self.root / relpath
-        if final.exists() and final.stat().st_size == len(data):
-            return SpooledFile(relpath, sha256, len(data))
-        return self.publish(self.stage(data), relpath, sha256)
-
     def stage(self, data: bytes) -> Path:
         """Write ``data`` to a new temporary file and fsync it (step 1 of an atomic write).
 
@@ -99,7 +82,7 @@ class Spool:
             raise _spool_error(exc, "a temporary file") from exc
         return tmp
 
-    def publish(self, tmp: Path, relpath: str, sha256: str) -> SpooledFile:
+    def publish(self, tmp: Path, relpath: str) -> None:
         """Rename a staged file to ``relpath`` and fsync the directory (step 2)."""
         final = self.root / relpath
         try:
@@ -107,13 +90,11 @@ class Spool:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(final.parent.parent)
                 _fsync_dir(self.root)
-            size = tmp.stat().st_size
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _spool_error(exc, relpath) from exc
-        return SpooledFile(relpath, sha256, size)
 
     def discard(self, tmp: Path) -> None:
         """Remove a staged file that will not be published."""

@@ -37,18 +37,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_identity(pipeline: str, settings: PipelineSettings | None) -> ModelIdentity | None:
-    """The configured model of ``pipeline``, or None when no checkpoint is set."""
-    if settings is None or settings.checkpoint is None:
-        return None
-    path = settings.checkpoint
-    if not path.is_file():
-        raise ConfigurationError(
-            f"pipelines.{pipeline}.checkpoint = {str(path)!r}: expected an existing file"
-        )
-    return ModelIdentity(pipeline, path, file_sha256(path))
-
-
 class ModelIdentities:
     """Model identities of the configured pipelines, hashing each checkpoint once.
 

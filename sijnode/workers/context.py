@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from sijnode.db.engine import make_engine, make_sessionmaker
+from sijnode.models.identity import ModelIdentities
 from sijnode.settings import Settings
 from sijnode.workers.jobs import PipelineRunner, WorkerContext
 
@@ -15,7 +18,16 @@ def available_runners() -> dict[str, PipelineRunner]:
     return {}
 
 
-def make_worker_context(settings: Settings) -> WorkerContext:
-    """Engine, sessions and pipelines for one worker process."""
-    engine = make_engine(settings.database.url, echo=settings.database.echo)
-    return WorkerContext(settings, make_sessionmaker(engine), available_runners())
+def make_worker_context(
+    settings: Settings,
+    sessions: sessionmaker[Session] | None = None,
+    models: ModelIdentities | None = None,
+) -> WorkerContext:
+    """Sessions, pipelines and model identities for one worker (its own engine if none)."""
+    if sessions is None:
+        sessions = make_sessionmaker(
+            make_engine(settings.database.url, echo=settings.database.echo)
+        )
+    return WorkerContext(
+        settings, sessions, available_runners(), models or ModelIdentities(settings.pipelines)
+    )

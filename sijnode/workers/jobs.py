@@ -21,7 +21,7 @@ from sijnode.db.records import TERMINAL_JOB_STATES, set_job_state
 from sijnode.db.schema import Job, JobState
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
-from sijnode.models.identity import ModelIdentity
+from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,12 @@ class WorkerContext:
     settings: Settings
     sessions: sessionmaker[Session]
     runners: dict[str, PipelineRunner]
+    models: ModelIdentities
     hostname: str = socket.gethostname()
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
     """Run job ``job_id`` once; return the state it ends in."""
-    from sijnode.models.identity import model_identity
-
     with transaction(ctx.sessions) as session:
         # Row lock (PostgreSQL): a job delivered to two workers keeps a consistent claim.
         job = session.get(Job, job_id, with_for_update=True)
@@ -59,7 +58,7 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
     started = time.perf_counter()
     runner = ctx.runners.get(pipeline)
     try:
-        identity = model_identity(pipeline, ctx.settings.pipelines.get(pipeline))
+        identity = ctx.models(pipeline)
     except SijnodeError as exc:
         identity = None
         reason = str(exc)
