@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from sqlalchemy import create_engine, text
 
@@ -137,6 +137,9 @@ def bare_scp(root: Path, durable: bool = False) -> Iterator[tuple[int, list[floa
         times.append((time.perf_counter() - t0) * 1000)
         return 0
 
+    # pynetdicom's default receive (sijnode's listener switches on chunked receive)
+    _config.STORE_RECV_CHUNKED_DATASET = False
+    _config.LOG_HANDLER_LEVEL = "standard"
     ae = AE(ae_title="SIJNODE")
     ae.maximum_pdu_size = 0
     syntaxes = accepted_transfer_syntaxes()
@@ -167,15 +170,15 @@ def sijnode_scp(root: Path, db_url: str) -> Iterator[tuple[int, list[float]]]:
     )
     node = Node(settings)
     times: list[float] = []
-    handle = node.scp.handle_store
+    received = node.scp._on_dimse_received
 
-    def timed(event: evt.Event) -> int:
+    def timed(event: evt.Event) -> None:
+        # sijnode ingests and answers on the reader thread as soon as the data set is in
         t0 = time.perf_counter()
-        status = handle(event)
+        received(event)
         times.append((time.perf_counter() - t0) * 1000)
-        return status
 
-    node.scp.handle_store = timed  # type: ignore[method-assign]
+    node.scp._on_dimse_received = timed  # type: ignore[method-assign]
     node.start()
     try:
         yield node.scp.port, times

@@ -1,34 +1,37 @@
 """Store one received instance durably and record it: the work behind a C-STORE.
 
-Order (nothing acknowledged is ever lost): parse the header, look for a duplicate, write
-the original bytes to the spool (fsync + rename), then record the instance, its series
-and study, and the event in one transaction. Only when both succeed does the caller
-answer Success. A late instance for a study that was already dispatched reopens it.
+The data set arrives in a :class:`StagedFile` (written, hashed and flushed while its
+fragments were on the wire). Order (nothing acknowledged is ever lost): parse the header,
+fsync the file's tail, look for a duplicate, rename the file into place and fsync its
+directory, then commit the instance, its series and study, and the event in one
+transaction. Only when both succeed does the caller answer Success. A late instance for a
+study that was already dispatched reopens it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, bindparam, case, func, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, case, func, insert, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
 from sijnode.daemon.spool import Spool, content_hash
+from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
 from sijnode.db.engine import record_event, transaction
+from sijnode.db.prepared import PreparedStatement
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
 from sijnode.db.reid import remember_identifiers
 from sijnode.db.schema import Event, EventType, Instance, Series, Study, StudyState, utcnow
-from sijnode.errors import SijnodeError, SpoolError
+from sijnode.errors import InvalidInstanceError, SijnodeError
 from sijnode.logs import fields
 from sijnode.settings import DatabaseSettings
 
@@ -66,8 +69,44 @@ _TOUCH_SERIES = (
 )
 _INSERT_INSTANCE = insert(Instance).returning(Instance.id)
 _INSERT_EVENT = insert(Event)
+_INSTANCE_COLUMNS = (
+    "series_id",
+    "study_id",
+    "association_id",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "size_bytes",
+    "sha256",
+    "spool_path",
+    "instance_number",
+    "slice_position",
+    "conflict",
+    "received_at",
+    "generation",
+)
+_EVENT_COLUMNS = ("type", "study_id", "association_id", "detail", "at")
+
+
+class _HotPath:
+    """The per-instance statements, prepared for one dialect (see sijnode.db.prepared)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.same_uid = PreparedStatement(_SAME_UID, dialect)
+        self.touch_study = PreparedStatement(_TOUCH_STUDY, dialect)
+        self.touch_series = PreparedStatement(_TOUCH_SERIES, dialect)
+        self.insert_instance = PreparedStatement(_INSERT_INSTANCE, dialect, _INSTANCE_COLUMNS)
+        self.insert_event = PreparedStatement(_INSERT_EVENT, dialect, _EVENT_COLUMNS)
+
 
 _CACHE_SIZE = 4096
+
+
+class _SameUID(NamedTuple):
+    id: int
+    sha256: str
+    study_id: int
+    spool_path: str
 
 
 class IngestOutcome(StrEnum):
@@ -97,6 +136,7 @@ class Ingestor:
         sessions: sessionmaker[Session],
         audit: DatabaseSettings,
         site: str = "default",
+        workers: int = 8,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
@@ -106,34 +146,38 @@ class Ingestor:
         # Study and series rows are get-or-create; one writer at a time keeps that simple
         # and SQLite serialises writers anyway.
         self._lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sijnode-spool")
+        # Helpers hash and flush fragments while they arrive, and fsync the finished file.
+        self._helpers = ThreadPoolExecutor(workers, thread_name_prefix="sijnode-stage")
         # UID → row id caches for the hot path; rows are never deleted, so an id stays valid.
         self._studies: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._series_ids: OrderedDict[str, int] = OrderedDict()
         # Cache entries of the transaction in hand; applied only once it has committed.
         self._staged: list[tuple[OrderedDict[str, Any], str, Any]] = []
+        self._prepared: dict[str, _HotPath] = {}
+
+    def staged_file(self) -> StagedFile:
+        """A new file in the spool's temporary directory for a data set about to arrive."""
+        return open_staged(self.spool, self._helpers)
 
     def ingest(
         self,
-        data: bytes,
+        staged: StagedFile,
         association_id: int | None = None,
         calling_ae_title: str | None = None,
         received_at: datetime | None = None,
     ) -> IngestResult:
-        """Store and record ``data`` (an encoded instance with file meta).
+        """Make ``staged`` (a complete data set with file meta) durable and record it.
 
-        The spool write runs in a helper thread while the audit rows are written; the
-        transaction commits only after the file is durable under its final name. Raises
-        InvalidInstanceError, SpoolError (DiskFullError) or AuditError; on any of them
-        nothing was acknowledged and the caller must answer with a failure status.
+        The transaction commits only after the file is durable under its final name.
+        Raises InvalidInstanceError, SpoolError (DiskFullError) or AuditError; on any of
+        them nothing was acknowledged, the temporary file is gone and the caller must
+        answer with a failure status.
         """
-        # The temporary file is written and fsynced while the header is parsed, hashed
-        # and recorded; only the rename and the directory fsync wait for all of that.
-        staged = self._writer.submit(self.spool.stage, data)
-        published = False
+        published: str | None = None
+        staged.start_seal()  # the final fsync runs in a helper while the rows are written
         try:
-            header = read_header(data)
-            sha = content_hash(data)
+            sha = staged.digest()  # first: waiting lets the helper threads run
+            header = self._header(staged)
             relpath = self.spool.relpath_for(
                 header.study_instance_uid,
                 header.series_instance_uid,
@@ -144,44 +188,55 @@ class Ingestor:
             with self._lock, transaction(self.sessions) as session:
                 self._staged.clear()
                 result = self._record(
-                    session, header, sha, len(data), relpath, association_id, calling_ae_title, now
+                    session,
+                    header,
+                    sha,
+                    staged.size,
+                    relpath,
+                    association_id,
+                    calling_ae_title,
+                    now,
                 )
-                if result.outcome is IngestOutcome.DUPLICATE:
-                    # already stored: a re-send succeeds even if staging failed (disk full)
-                    with contextlib.suppress(SpoolError):
-                        self.spool.discard(staged.result())
+                staged.seal()  # SpoolError: the transaction rolls back
+                if result.outcome is IngestOutcome.DUPLICATE or self.spool.path(relpath).exists():
+                    staged.discard()
                 else:
-                    tmp = staged.result()  # SpoolError: the transaction rolls back
-                    if self.spool.path(relpath).exists():
-                        self.spool.discard(tmp)
-                    else:
-                        self.spool.publish(tmp, relpath)
-                        published = True
+                    staged.close()
+                    self.spool.publish(staged.path, relpath)
+                    published = relpath
                 session.commit()
                 for cache, key, value in self._staged:
                     self._remember(cache, key, value)
         except BaseException:
-            self._discard(staged, relpath if published else None)
+            staged.discard()
+            self._discard_published(published)
             raise
-        log.debug(
-            "instance received",
-            extra=fields(
-                outcome=result.outcome.value,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
-                modality=header.modality,
-                size=len(data),
-            ),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "instance received",
+                extra=fields(
+                    outcome=result.outcome.value,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                    modality=header.modality,
+                    size=staged.size,
+                ),
+            )
         return result
 
-    def _discard(self, staged: Future[Path], published: str | None) -> None:
-        """After a failure: drop the staged file, and a published one no row owns."""
+    @staticmethod
+    def _header(staged: StagedFile) -> InstanceHeader:
+        """The header, from the bytes kept in memory or, if it is longer, from the file."""
         try:
-            self.spool.discard(staged.result())
-        except SijnodeError:
-            pass  # staging itself failed and cleaned up after itself
+            return read_header(staged.head)
+        except InvalidInstanceError:
+            if staged.size <= HEAD_BYTES or staged.error is not None:
+                raise
+        return read_header(staged.read())
+
+    def _discard_published(self, published: str | None) -> None:
+        """After a failure: remove a published file that no row owns."""
         if published is None:
             return
         try:
@@ -193,8 +248,8 @@ class Ingestor:
             self.spool.path(published).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Finish pending spool writes and stop the helper threads."""
-        self._writer.shutdown(wait=True)
+        """Finish pending ingests and stop the helper threads."""
+        self._helpers.shutdown(wait=True)
 
     def record_spooled(self, relpath: str) -> IngestResult | None:
         """Record a spooled file that has no row (a crash between write and commit)."""
@@ -224,9 +279,13 @@ class Ingestor:
         calling_ae_title: str | None,
         now: datetime,
     ) -> IngestResult:
-        """Write the instance's rows in ``session`` (prebuilt statements on the hot path)."""
+        """Write the instance's rows in ``session`` (prepared statements on the hot path)."""
         conn = session.connection()
-        same_uid = conn.execute(_SAME_UID, {"b_uid": header.sop_instance_uid}).all()
+        hot = self._hot_path(conn)
+        same_uid = [
+            _SameUID(*row)
+            for row in hot.same_uid.execute(conn, {"b_uid": header.sop_instance_uid}).fetchall()
+        ]
         study_id, generation = self._touch_study(session, header, calling_ae_title, now)
         duplicate = next((row for row in same_uid if row.sha256 == sha), None)
         if duplicate is not None:
@@ -244,8 +303,8 @@ class Ingestor:
             )
         series_id = self._touch_series(session, study_id, header, now)
         conflict = bool(same_uid)
-        instance_id = conn.execute(
-            _INSERT_INSTANCE,
+        instance_id = hot.insert_instance.execute(
+            conn,
             {
                 "series_id": series_id,
                 "study_id": study_id,
@@ -262,7 +321,7 @@ class Ingestor:
                 "received_at": now,
                 "generation": generation,
             },
-        ).scalar_one()
+        ).fetchone()[0]
         if conflict:
             conn.execute(
                 update(Instance)
@@ -283,16 +342,23 @@ class Ingestor:
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
         return IngestResult(outcome, study_id, instance_id, relpath)
 
-    @staticmethod
+    def _hot_path(self, conn: Connection) -> _HotPath:
+        hot = self._prepared.get(conn.dialect.name)
+        if hot is None:
+            hot = self._prepared[conn.dialect.name] = _HotPath(conn.dialect)
+        return hot
+
     def _event(
+        self,
         session: Session,
         type_: EventType,
         study_id: int,
         association_id: int | None,
         detail: dict[str, object],
     ) -> None:
-        session.connection().execute(
-            _INSERT_EVENT,
+        conn = session.connection()
+        self._hot_path(conn).insert_event.execute(
+            conn,
             {
                 "type": type_,
                 "study_id": study_id,
@@ -313,8 +379,9 @@ class Ingestor:
         cached = self._studies.get(header.study_instance_uid)
         if cached is not None:
             study_id, generation = cached
-            touched = session.connection().execute(
-                _TOUCH_STUDY, {"b_id": study_id, "b_generation": generation, "b_now": now}
+            conn = session.connection()
+            touched = self._hot_path(conn).touch_study.execute(
+                conn, {"b_id": study_id, "b_generation": generation, "b_now": now}
             )
             if touched.rowcount == 1:
                 return study_id, generation
@@ -330,8 +397,9 @@ class Ingestor:
         expected = header.images_in_acquisition or header.series_related_instances
         series_id = self._series_ids.get(header.series_instance_uid)
         if series_id is not None:
-            touched = session.connection().execute(
-                _TOUCH_SERIES, {"b_id": series_id, "b_now": now, "b_expected": expected}
+            conn = session.connection()
+            touched = self._hot_path(conn).touch_series.execute(
+                conn, {"b_id": series_id, "b_now": now, "b_expected": expected}
             )
             if touched.rowcount == 1:
                 return series_id

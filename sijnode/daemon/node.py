@@ -57,7 +57,13 @@ class Node:
         self.sessions = sessions
         self.metrics = NodeMetrics()
         self.spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb * 2**20)
-        self.ingestor = Ingestor(self.spool, sessions, settings.database, settings.node.site)
+        self.ingestor = Ingestor(
+            self.spool,
+            sessions,
+            settings.database,
+            settings.node.site,
+            workers=max(2, settings.node.max_associations),
+        )
         self.models = ModelIdentities(settings.pipelines)
         self.embedded: EmbeddedWorker | None = None
         self.queue = self._make_queue()

@@ -1,20 +1,27 @@
 """The DICOM listener: Verification and Storage SCP (PS3.4 Annex A and B) on pynetdicom.
 
-The C-STORE handler is thin (STYLE.md): it hands the encoded bytes to the
-:class:`Ingestor` and maps every failure to a DIMSE status inside one error boundary,
-so the association and the node survive bad input. No decoding, no inference here.
+The data set of a C-STORE is received straight into the spool (pynetdicom's chunked
+receive, see :mod:`sijnode.daemon.staging`); its ingest starts as soon as the last fragment
+has arrived (EVT_DIMSE_RECV). The C-STORE handler is thin (STYLE.md): it waits for that
+ingest and maps every failure to a DIMSE status inside one error boundary, so the
+association and the node survive bad input. No decoding, no inference here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
 import ssl
+import tempfile
 import threading
 import time
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import pynetdicom.dimse_messages
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -22,14 +29,16 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from sijnode.daemon.ingest import Ingestor, IngestOutcome
+from sijnode.daemon.ingest import Ingestor, IngestOutcome, IngestResult
 from sijnode.daemon.metrics import NodeMetrics
+from sijnode.daemon.staging import StagedFile
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.schema import Association, AssociationOutcome, EventType, utcnow
 from sijnode.errors import AuditError, DiskFullError, InvalidInstanceError, SijnodeError, SpoolError
@@ -94,6 +103,56 @@ class _AssocState:
     failed: int = 0
     bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The data set being received now (a DIMSE message is never interleaved with another).
+    receiving: StagedFile | None = None
+
+
+# Listeners by their AE, for the chunked-receive file factory below.
+_LISTENERS: weakref.WeakKeyDictionary[AE, StorageSCP] = weakref.WeakKeyDictionary()
+_DEFAULT_TEMPORARY_FILE = tempfile.NamedTemporaryFile
+
+
+def _chunk_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's file for a received data set: a spool StagedFile for sijnode's AEs.
+
+    pynetdicom creates it on the association's reader thread (its DUL, which knows the
+    association); any other AE in the process keeps pynetdicom's own temporary file.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    listener = _LISTENERS.get(assoc.ae) if assoc is not None else None
+    if assoc is None or listener is None:
+        return _DEFAULT_TEMPORARY_FILE(*args, **kwargs)
+    return listener.staged_file(assoc)
+
+
+def _receive_into_spool() -> None:
+    """Switch pynetdicom to chunked receive with the factory above (idempotent).
+
+    Also unbinds pynetdicom's standard log handlers, which format every PDU and DIMSE
+    message for its debug log; the node writes its own structured log lines instead.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom.dimse_messages.NamedTemporaryFile = _chunk_file
+
+
+class _UnansweredRequests(queue.Queue[Any]):
+    """An association's queue of received DIMSE messages, without answered C-STOREs.
+
+    pynetdicom queues every decoded request for the association thread; a C-STORE the
+    reader thread has already answered (:meth:`StorageSCP._on_dimse_received`) must not be
+    answered twice, so it is dropped here.
+    """
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        staged = getattr(item[1], "_dataset_file", None)
+        if isinstance(staged, StagedFile) and staged.answered:
+            return
+        super().put(item, block, timeout)
+
+
+class _LimitReached(SijnodeError):
+    """The association has sent as many instances as one association may."""
 
 
 class StorageSCP:
@@ -142,11 +201,14 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_received),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self._on_closed, [AssociationOutcome.RELEASED]),
             (evt.EVT_ABORTED, self._on_closed, [AssociationOutcome.ABORTED]),
             (evt.EVT_CONN_CLOSE, self._on_closed, [AssociationOutcome.ABORTED]),
         ]
+        _LISTENERS[self.ae] = self
+        _receive_into_spool()
         self.server = self.ae.start_server(
             (self.settings.bind_address, self.settings.port),
             block=False,
@@ -168,6 +230,7 @@ class StorageSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        _LISTENERS.pop(self.ae, None)
 
     # -- association events -------------------------------------------------------------
 
@@ -244,6 +307,7 @@ class StorageSCP:
             log.error("could not record an association", extra=fields(error=str(exc)))
         with self._lock:
             self._assocs[id(assoc)] = _AssocState(db_id, calling)
+        assoc.dimse.msg_queue = _UnansweredRequests()
         log.info(
             "association accepted",
             extra=fields(
@@ -255,7 +319,12 @@ class StorageSCP:
     def _on_closed(self, event: evt.Event, outcome: AssociationOutcome) -> None:
         with self._lock:
             state = self._assocs.pop(id(event.assoc), None)
-        if state is None or state.db_id is None:
+        if state is None:
+            return
+        partial = state.receiving
+        if partial is not None and partial.outcome is None:
+            partial.discard()  # cut off mid-transfer: never acknowledged
+        if state.db_id is None:
             return
         log.info(
             "association closed",
@@ -295,31 +364,88 @@ class StorageSCP:
                 self._assocs[id(assoc)] = state
             return state
 
-    def handle_store(self, event: evt.Event) -> int:
-        """Store and record one instance; the status says whether it is safe with us."""
-        started = time.perf_counter()
-        state = self._state(event.assoc)
+    def staged_file(self, assoc: PynetAssociation) -> StagedFile:
+        """The file a data set arriving on ``assoc`` is written into (reader thread)."""
+        staged = self.ingestor.staged_file()
+        self._state(assoc).receiving = staged
+        return staged
+
+    def _limit_reached(self, state: _AssocState) -> bool:
         limit = self.settings.max_instances_per_association
-        status = SUCCESS
-        size = 0
-        if limit and state.instances >= limit:
-            exc = SijnodeError(f"association limit of {limit} instances reached")
-            self.metrics.store_seconds.observe(time.perf_counter() - started)
-            return self._refuse(event, state, OUT_OF_RESOURCES, exc)
+        return bool(limit) and state.instances >= limit
+
+    def _on_dimse_received(self, event: evt.Event) -> None:
+        """The last fragment of a data set is in: ingest it and answer, on the reader thread.
+
+        pynetdicom would hand the request to the association thread, which polls for it,
+        and the response back to this thread, which polls too (up to a millisecond each).
+        Answering here skips both waits; the request is then kept off the association
+        thread's queue (:class:`_UnansweredRequests`). Anything that goes wrong before the
+        response is sent leaves the request to the association thread and
+        :meth:`handle_store`, which reuses the outcome.
+        """
+        staged = getattr(event.message, "_data_set_file", None)
+        if not isinstance(staged, StagedFile):
+            return
+        state = self._state(event.assoc)
+        state.receiving = None
+        staged.outcome = self._ingest(staged, state)
+        command = event.message.command_set
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = command.MessageID
+        rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
+        rsp.AffectedSOPInstanceUID = command.AffectedSOPInstanceUID
+        rsp.Status = self._answer(staged, state, str(command.AffectedSOPInstanceUID or ""))
+        event.assoc.dimse.send_msg(rsp, int(event.message.context_id))
+        staged.answered = True
+
+    def _ingest(self, staged: StagedFile, state: _AssocState) -> Future[IngestResult]:
+        """Ingest ``staged``; a resolved future with the result or the error."""
+        started = time.perf_counter()
+        outcome: Future[IngestResult] = Future()
         try:
-            data = event.encoded_dataset()
-            size = len(data)
-            result = self.ingestor.ingest(data, state.db_id, state.calling_ae_title)
-        except DiskFullError as exc:
-            status = self._refuse(event, state, OUT_OF_RESOURCES, exc)
+            if self._limit_reached(state):
+                staged.discard()
+                limit = self.settings.max_instances_per_association
+                raise _LimitReached(f"association limit of {limit} instances reached")
+            outcome.set_result(self.ingestor.ingest(staged, state.db_id, state.calling_ae_title))
+        except Exception as exc:  # noqa: BLE001 - _answer maps it to a DIMSE status
+            outcome.set_exception(exc)
+        staged.handling_seconds = time.perf_counter() - started
+        return outcome
+
+    def handle_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE, for a request the reader thread did not answer (see above)."""
+        state = self._state(event.assoc)
+        staged = getattr(event.request, "_dataset_file", None)
+        sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        if not isinstance(staged, StagedFile):
+            exc = SijnodeError("the data set was not received into the spool")
+            return self._refuse(state, PROCESSING_FAILURE, exc, sop_uid)
+        if staged.outcome is None:
+            staged.outcome = self._ingest(staged, state)
+        return self._answer(staged, state, sop_uid)
+
+    def _answer(self, staged: StagedFile, state: _AssocState, sop_uid: str) -> int:
+        """The DIMSE status for an ingested instance, counted once (PS3.4 Annex B.2.3)."""
+        if staged.status is not None:
+            return staged.status
+        started = time.perf_counter()
+        assert staged.outcome is not None
+        status = SUCCESS
+        try:
+            result = staged.outcome.result()
+        except (DiskFullError, _LimitReached) as exc:
+            status = self._refuse(state, OUT_OF_RESOURCES, exc, sop_uid)
         except InvalidInstanceError as exc:
-            status = self._refuse(event, state, CANNOT_UNDERSTAND, exc)
+            status = self._refuse(state, CANNOT_UNDERSTAND, exc, sop_uid)
         except (SpoolError, AuditError) as exc:
-            status = self._refuse(event, state, OUT_OF_RESOURCES, exc)
+            status = self._refuse(state, OUT_OF_RESOURCES, exc, sop_uid)
         except Exception as exc:
             log.exception("C-STORE failed unexpectedly", extra=fields(error=str(exc)))
-            status = self._refuse(event, state, PROCESSING_FAILURE, exc)
+            status = self._refuse(state, PROCESSING_FAILURE, exc, sop_uid)
         else:
+            size = staged.size
             with state.lock:
                 state.instances += 1
                 if result.outcome is not IngestOutcome.DUPLICATE:
@@ -327,14 +453,18 @@ class StorageSCP:
             self.metrics.instances.labels(outcome=result.outcome.value).inc()
             if result.outcome is not IngestOutcome.DUPLICATE:
                 self.metrics.bytes.inc(size)
-        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        staged.status = status
+        elapsed = staged.handling_seconds + time.perf_counter() - started
+        self.metrics.store_seconds.observe(elapsed)
         return status
 
-    def _refuse(self, event: evt.Event, state: _AssocState, status: int, exc: BaseException) -> int:
+    def _refuse(
+        self, state: _AssocState, status: int, exc: BaseException, sop_instance_uid: str
+    ) -> int:
         with state.lock:
             state.failed += 1
         self.metrics.instances.labels(outcome="refused").inc()
-        sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
+        sop_uid = sop_instance_uid[:64]
         log.error(
             "instance refused",
             extra=fields(status=f"0x{status:04X}", sop_instance_uid=sop_uid, error=str(exc)),

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from sijnode.errors import DiskFullError, InvalidInstanceError, SpoolError
@@ -60,28 +59,6 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB; instance refused"
             )
 
-    def stage(self, data: bytes) -> Path:
-        """Write ``data`` to a new temporary file and fsync it (step 1 of an atomic write).
-
-        Needs no UID or hash, so it can run while the header is still being parsed.
-        """
-        self.check_free_space(len(data))
-        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _spool_error(exc, "a temporary file") from exc
-        return tmp
-
     def publish(self, tmp: Path, relpath: str) -> None:
         """Rename a staged file to ``relpath`` and fsync the directory (step 2)."""
         final = self.root / relpath
@@ -94,7 +71,7 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise _spool_error(exc, relpath) from exc
+            raise spool_error(exc, relpath) from exc
 
     def discard(self, tmp: Path) -> None:
         """Remove a staged file that will not be published."""
@@ -126,7 +103,8 @@ class Spool:
         return count
 
 
-def _spool_error(exc: OSError, what: str) -> SpoolError:
+def spool_error(exc: OSError, what: str) -> SpoolError:
+    """The spool error for an OSError: DiskFullError when the filesystem is full."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"spool filesystem is full: {exc.strerror}")
     return SpoolError(f"could not write {what}: {exc.strerror}")

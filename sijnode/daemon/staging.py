@@ -1,0 +1,190 @@
+"""Receive a C-STORE data set straight into the spool while its fragments arrive.
+
+pynetdicom's chunked receive (``_config.STORE_RECV_CHUNKED_DATASET``) writes a preamble, a
+file meta and then every P-DATA fragment of the data set (PS3.8 §9.3.5.1) to a file as it
+arrives. The listener gives it a :class:`StagedFile` in the spool's temporary directory.
+A helper thread hashes each fragment and flushes the written part to the disk while the
+next fragments are still on the wire, so when the last one has arrived only the tail is
+left to fsync before the rename (PS3.4 B.2.3: Success only once the instance is safe).
+The bytes are the sender's; nothing is decoded or re-encoded.
+
+A failure while receiving (a full disk) never raises into pynetdicom, which would abort the
+association: it is kept in :attr:`StagedFile.error` and the C-STORE handler answers with a
+failure status instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Any
+
+from sijnode.daemon.spool import TMP_DIR, Spool, spool_error
+from sijnode.errors import DiskFullError, SpoolError
+
+# The leading bytes kept in memory: the header is parsed from them, not read back.
+HEAD_BYTES = 256 * 1024
+
+
+def _writeback_starter() -> Callable[[int, int, int], None]:
+    """Start writing a file range to the disk without waiting: Linux sync_file_range(2).
+
+    With SYNC_FILE_RANGE_WRITE the kernel queues the range's dirty pages for writeback and
+    returns, so the final fsync only waits for what is still in flight. Elsewhere this is
+    a no-op and the final fsync does all the work.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return lambda fd, offset, length: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, length: int) -> None:
+        call(fd, offset, length, write)  # advisory: an error surfaces in the final fsync
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+
+
+class StagedFile:
+    """One data set being received into the spool's temporary directory.
+
+    Quacks like the ``NamedTemporaryFile`` pynetdicom expects (``write``, ``file.flush``,
+    ``name``, ``close``). Writes happen on the association's reader thread; hashing and
+    flushing on ``helpers``, one fragment after the other.
+    """
+
+    def __init__(self, path: Path, helpers: Executor, error: SpoolError | None = None) -> None:
+        self.path = path
+        self.name = str(path)
+        self.file = self
+        self.size = 0
+        self.error = error
+        # Set by the listener once the finished data set has been ingested (or failed).
+        self.outcome: Future[Any] | None = None
+        self.handling_seconds = 0.0
+        # The DIMSE status given, and whether the response was sent by the reader thread.
+        self.status: int | None = None
+        self.answered = False
+        self._helpers = helpers
+        self._digest = hashlib.sha256()
+        self._head = bytearray()
+        self._pending: Future[None] | None = None
+        self._sealed: Future[None] | None = None
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if error is None:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except OSError as exc:
+                self.error = spool_error(exc, "a temporary file")
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append a fragment; a failure is kept for the handler, never raised."""
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if len(self._head) < HEAD_BYTES:
+            self._head += chunk[: HEAD_BYTES - len(self._head)]
+        if self.error is None and self._fd is not None:
+            try:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self.error = spool_error(exc, "a received instance")
+            else:
+                offset, self.size = self.size, self.size + len(chunk)
+                self._pending = self._helpers.submit(self._absorb, chunk, offset, self._pending)
+        return len(chunk)
+
+    def flush(self) -> None:
+        """Nothing to do: every fragment is written through (pynetdicom calls this)."""
+
+    @property
+    def head(self) -> bytes:
+        """The leading bytes: preamble, file meta and the start of the data set."""
+        return bytes(self._head)
+
+    def _absorb(self, chunk: bytes, offset: int, previous: Future[None] | None) -> None:
+        if previous is not None:
+            previous.result()
+        self._digest.update(chunk)
+        if self._fd is not None:
+            _start_writeback(self._fd, offset, len(chunk))
+
+    def _settle(self) -> None:
+        """Wait for the helper to finish every fragment written so far, and the fsync."""
+        for pending in (self._pending, self._sealed):
+            if pending is not None:
+                with contextlib.suppress(SpoolError):
+                    pending.result()
+        self._pending = None
+
+    def start_seal(self) -> None:
+        """Start the final fsync in a helper (call once the last fragment is written)."""
+        if self._sealed is None:
+            self._sealed = self._helpers.submit(self._fsync)
+
+    def _fsync(self) -> None:
+        if self.error is not None:
+            raise self.error
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.error = spool_error(exc, "a received instance")
+            raise self.error from exc
+
+    def digest(self) -> str:
+        """SHA-256 of everything written (waits for the helper's last fragments)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+        if self.error is not None:
+            raise self.error
+        return self._digest.hexdigest()
+
+    def seal(self) -> None:
+        """Wait until the complete file is durable. Raises SpoolError or DiskFullError."""
+        self.start_seal()
+        assert self._sealed is not None
+        self._sealed.result()
+
+    def read(self) -> bytes:
+        """Everything written so far, read back (for headers longer than :data:`HEAD_BYTES`)."""
+        return self.path.read_bytes()
+
+    def close(self) -> None:
+        """Close the file (idempotent; pynetdicom calls it again after the handler)."""
+        self._settle()
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file: it will not be published."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def open_staged(spool: Spool, helpers: Executor) -> StagedFile:
+    """A new staged file; one that refuses every byte when the spool is below its minimum."""
+    path = spool.root / TMP_DIR / f"{uuid.uuid4().hex}.part"
+    try:
+        spool.check_free_space(0)
+    except DiskFullError as exc:
+        return StagedFile(path, helpers, error=exc)
+    return StagedFile(path, helpers)
