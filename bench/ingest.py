@@ -156,12 +156,14 @@ def bare_scp(root: Path, durable: bool = False) -> Iterator[tuple[int, list[floa
 
 
 @contextmanager
-def sijnode_scp(root: Path, db_url: str) -> Iterator[tuple[int, list[float]]]:
-    """The real node (embedded worker), with the C-STORE handler timed."""
+def sijnode_scp(
+    root: Path, db_url: str, sqlite_synchronous: str = "normal"
+) -> Iterator[tuple[int, list[float]]]:
+    """The real node (embedded worker), with its C-STORE handling timed."""
     upgrade(db_url)
     settings = load_settings(
         overrides={
-            "database": {"url": db_url},
+            "database": {"url": db_url, "sqlite_synchronous": sqlite_synchronous},
             "storage": {"spool_dir": str(root / "spool"), "min_free_mb": 100},
             "node": {"port": _free_port(), "bind_address": "127.0.0.1", "max_associations": 8},
             "metrics": {"port": 0},
@@ -242,6 +244,9 @@ def main() -> None:
             BARE: lambda d: bare_scp(d / "bare"),
             DURABLE: lambda d: bare_scp(d / "bare", durable=True),
             "sijnode (SQLite)": lambda d: sijnode_scp(d, f"sqlite:///{d / 'audit.db'}"),
+            "sijnode (SQLite, synchronous=FULL)": lambda d: sijnode_scp(
+                d, f"sqlite:///{d / 'audit.db'}", "full"
+            ),
             "sijnode (PostgreSQL)": lambda d: sijnode_scp(d, _fresh_pg_schema(f"bench_{d.name}")),
         }
         runs: list[Run] = []

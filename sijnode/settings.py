@@ -177,6 +177,13 @@ class DatabaseSettings(_Section):
         description="Keep a table that maps pseudonyms back to identifiers (off by default).",
     )
     echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+    sqlite_synchronous: Literal["normal", "full"] = Field(
+        "normal",
+        description=(
+            "SQLite only: 'normal' commits survive a crash of the node (the spool is fsynced "
+            "and re-recorded after a power loss); 'full' also fsyncs every commit."
+        ),
+    )
 
 
 class BrokerSettings(_Section):

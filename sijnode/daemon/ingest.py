@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from sqlalchemy import Connection, Integer, bindparam, case, func, insert, selec
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
-from sijnode.daemon.header import InstanceHeader, read_header
+from sijnode.daemon.header import InstanceHeader, InstanceKeys, read_header, read_keys
 from sijnode.daemon.spool import Spool, content_hash
 from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
 from sijnode.db.engine import record_event, transaction
@@ -109,6 +110,15 @@ class _SameUID(NamedTuple):
     spool_path: str
 
 
+def _expected(header: InstanceHeader | InstanceKeys) -> int | None:
+    """The series size the instance announces (ImagesInAcquisition, else the series')."""
+    return header.images_in_acquisition or header.series_related_instances
+
+
+class _NeedHeader(SijnodeError):
+    """Only the keys were read, but a study or series row must be created: read it all."""
+
+
 class IngestOutcome(StrEnum):
     """What happened to one received instance."""
 
@@ -174,37 +184,52 @@ class Ingestor:
         answer with a failure status.
         """
         published: str | None = None
-        staged.start_seal()  # the final fsync runs in a helper while the rows are written
+        staged.start_seal()  # hash and fsync run in helpers while the rows are written
         try:
-            sha = staged.digest()  # first: waiting lets the helper threads run
-            header = self._header(staged)
-            relpath = self.spool.relpath_for(
-                header.study_instance_uid,
-                header.series_instance_uid,
-                header.sop_instance_uid,
-                sha,
-            )
+            header = self._read(staged)
             now = received_at or utcnow()
             with self._lock, transaction(self.sessions) as session:
                 self._staged.clear()
-                result = self._record(
-                    session,
-                    header,
-                    sha,
-                    staged.size,
-                    relpath,
-                    association_id,
-                    calling_ae_title,
-                    now,
-                )
+                try:
+                    result = self._record(
+                        session,
+                        header,
+                        staged.digest,
+                        staged.size,
+                        None,
+                        association_id,
+                        calling_ae_title,
+                        now,
+                    )
+                except _NeedHeader:
+                    session.rollback()
+                    self._staged.clear()
+                    header = self._header(staged)
+                    result = self._record(
+                        session,
+                        header,
+                        staged.digest,
+                        staged.size,
+                        None,
+                        association_id,
+                        calling_ae_title,
+                        now,
+                    )
                 staged.seal()  # SpoolError: the transaction rolls back
+                relpath = result.relpath
                 if result.outcome is IngestOutcome.DUPLICATE or self.spool.path(relpath).exists():
                     staged.discard()
+                    session.commit()
                 else:
                     staged.close()
-                    self.spool.publish(staged.path, relpath)
+                    directory = self.spool.place(staged.path, relpath)
                     published = relpath
-                session.commit()
+                    # the rename is made durable while the rows commit; Success needs both
+                    synced = self._helpers.submit(self.spool.sync_directory, directory)
+                    try:
+                        session.commit()
+                    finally:
+                        synced.result()
                 for cache, key, value in self._staged:
                     self._remember(cache, key, value)
         except BaseException:
@@ -219,11 +244,26 @@ class Ingestor:
                     study_instance_uid=header.study_instance_uid,
                     series_instance_uid=header.series_instance_uid,
                     sop_instance_uid=header.sop_instance_uid,
-                    modality=header.modality,
+                    modality=getattr(header, "modality", None),
                     size=staged.size,
                 ),
             )
         return result
+
+    def _read(self, staged: StagedFile) -> InstanceHeader | InstanceKeys:
+        """Only the keys when the study and series are known; else the whole header."""
+        try:
+            uids = read_keys(staged.head)
+        except InvalidInstanceError:
+            if staged.size <= HEAD_BYTES or staged.error is not None:
+                raise
+            return self._header(staged)
+        if (
+            uids.study_instance_uid in self._studies
+            and uids.series_instance_uid in self._series_ids
+        ):
+            return uids
+        return self._header(staged)
 
     @staticmethod
     def _header(staged: StagedFile) -> InstanceHeader:
@@ -260,7 +300,9 @@ class Ingestor:
             self._staged.clear()
             if self._find_duplicate(session, header.sop_instance_uid, sha) is not None:
                 return None
-            return self._record(session, header, sha, len(data), relpath, None, None, utcnow())
+            return self._record(
+                session, header, lambda: sha, len(data), relpath, None, None, utcnow()
+            )
 
     @staticmethod
     def _find_duplicate(session: Session, sop_uid: str, sha: str) -> Instance | None:
@@ -271,15 +313,20 @@ class Ingestor:
     def _record(
         self,
         session: Session,
-        header: InstanceHeader,
-        sha: str,
+        header: InstanceHeader | InstanceKeys,
+        digest: Callable[[], str],
         size: int,
-        relpath: str,
+        relpath: str | None,
         association_id: int | None,
         calling_ae_title: str | None,
         now: datetime,
     ) -> IngestResult:
-        """Write the instance's rows in ``session`` (prepared statements on the hot path)."""
+        """Write the instance's rows in ``session`` (prepared statements on the hot path).
+
+        ``digest`` gives the content hash; it is asked for only once the rows that do not
+        need it are written, so a helper can hash meanwhile. ``relpath`` is derived from
+        the UIDs and the hash unless given (a file already in the spool).
+        """
         conn = session.connection()
         hot = self._hot_path(conn)
         same_uid = [
@@ -287,6 +334,7 @@ class Ingestor:
             for row in hot.same_uid.execute(conn, {"b_uid": header.sop_instance_uid}).fetchall()
         ]
         study_id, generation = self._touch_study(session, header, calling_ae_title, now)
+        sha = digest()
         duplicate = next((row for row in same_uid if row.sha256 == sha), None)
         if duplicate is not None:
             # A re-send touches the study (above), so it is judged again and, if it was
@@ -303,6 +351,13 @@ class Ingestor:
             )
         series_id = self._touch_series(session, study_id, header, now)
         conflict = bool(same_uid)
+        if relpath is None:
+            relpath = self.spool.relpath_for(
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                sha,
+            )
         instance_id = hot.insert_instance.execute(
             conn,
             {
@@ -332,13 +387,14 @@ class Ingestor:
                 "instance conflict: same SOP Instance UID, different bytes; both kept",
                 extra=fields(sop_instance_uid=header.sop_instance_uid, sha256=sha),
             )
-        self._event(
-            session,
-            EventType.INSTANCE_CONFLICT if conflict else EventType.INSTANCE_STORED,
-            study_id,
-            association_id,
-            {"sop_instance_uid": header.sop_instance_uid, "sha256": sha, "size": size},
-        )
+            # The instance row is the record of a stored instance; events mark exceptions.
+            self._event(
+                session,
+                EventType.INSTANCE_CONFLICT,
+                study_id,
+                association_id,
+                {"sop_instance_uid": header.sop_instance_uid, "sha256": sha, "size": size},
+            )
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
         return IngestResult(outcome, study_id, instance_id, relpath)
 
@@ -371,7 +427,7 @@ class Ingestor:
     def _touch_study(
         self,
         session: Session,
-        header: InstanceHeader,
+        header: InstanceHeader | InstanceKeys,
         calling_ae_title: str | None,
         now: datetime,
     ) -> tuple[int, int]:
@@ -392,9 +448,13 @@ class Ingestor:
         return study.id, study.generation
 
     def _touch_series(
-        self, session: Session, study_id: int, header: InstanceHeader, now: datetime
+        self,
+        session: Session,
+        study_id: int,
+        header: InstanceHeader | InstanceKeys,
+        now: datetime,
     ) -> int:
-        expected = header.images_in_acquisition or header.series_related_instances
+        expected = _expected(header)
         series_id = self._series_ids.get(header.series_instance_uid)
         if series_id is not None:
             conn = session.connection()
@@ -417,7 +477,7 @@ class Ingestor:
     def _study(
         self,
         session: Session,
-        header: InstanceHeader,
+        header: InstanceHeader | InstanceKeys,
         calling_ae_title: str | None,
         now: datetime,
     ) -> Study:
@@ -425,6 +485,8 @@ class Ingestor:
             select(Study).where(Study.study_instance_uid == header.study_instance_uid)
         ).first()
         if study is None:
+            if not isinstance(header, InstanceHeader):
+                raise _NeedHeader("a new study")
             study = Study(
                 study_instance_uid=header.study_instance_uid,
                 patient_pseudonym=patient_pseudonym(header.patient_id, self.secret),
@@ -461,13 +523,19 @@ class Ingestor:
         return study
 
     def _series(
-        self, session: Session, study_id: int, header: InstanceHeader, now: datetime
+        self,
+        session: Session,
+        study_id: int,
+        header: InstanceHeader | InstanceKeys,
+        now: datetime,
     ) -> Series:
         series = session.scalars(
             select(Series).where(Series.series_instance_uid == header.series_instance_uid)
         ).first()
-        expected = header.images_in_acquisition or header.series_related_instances
+        expected = _expected(header)
         if series is None:
+            if not isinstance(header, InstanceHeader):
+                raise _NeedHeader("a new series")
             series = Series(
                 study_id=study_id,
                 series_instance_uid=header.series_instance_uid,

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.completion import assess
@@ -51,7 +51,11 @@ class Node:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         if sessions is None:
-            engine = make_engine(settings.database.url, echo=settings.database.echo)
+            engine = make_engine(
+                settings.database.url,
+                echo=settings.database.echo,
+                sqlite_synchronous=settings.database.sqlite_synchronous,
+            )
             check_schema_current(engine)
             sessions = make_sessionmaker(engine)
         self.sessions = sessions
@@ -140,10 +144,31 @@ class Node:
     def recover(self) -> RecoveryReport:
         """Make the audit agree with the spool and resume interrupted work."""
         removed = self.spool.remove_partial_files()
+        on_disk = set(self.spool.iter_files())
         with transaction(self.sessions) as session:
             known = set(session.scalars(select(Instance.spool_path)).all())
+            # The rows commit while the rename's directory fsync is still running, and
+            # Success waits for both: a row of a study still receiving whose file is gone
+            # was never acknowledged (a power loss in that window).
+            missing = sorted(known - on_disk)
+            lost = (
+                session.scalars(
+                    select(Instance.spool_path)
+                    .join(Study, Study.id == Instance.study_id)
+                    .where(Instance.spool_path.in_(missing), Study.state == StudyState.RECEIVING)
+                ).all()
+                if missing
+                else []
+            )
+            if lost:
+                session.execute(delete(Instance).where(Instance.spool_path.in_(lost)))
+                record_event(session, EventType.RECOVERY, unacknowledged_rows_removed=len(lost))
+                log.warning(
+                    "removed audit rows of instances never acknowledged",
+                    extra=fields(count=len(lost)),
+                )
         orphans = 0
-        for relpath in self.spool.iter_files():
+        for relpath in sorted(on_disk):
             if relpath in known:
                 continue
             try:

@@ -396,7 +396,9 @@ class StorageSCP:
         rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
         rsp.AffectedSOPInstanceUID = command.AffectedSOPInstanceUID
         rsp.Status = self._answer(staged, state, str(command.AffectedSOPInstanceUID or ""))
-        event.assoc.dimse.send_msg(rsp, int(event.message.context_id))
+        context_id = event.message.context_id
+        assert context_id is not None  # set with the command set
+        event.assoc.dimse.send_msg(rsp, context_id)
         staged.answered = True
 
     def _ingest(self, staged: StagedFile, state: _AssocState) -> Future[IngestResult]:

@@ -59,8 +59,12 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB; instance refused"
             )
 
-    def publish(self, tmp: Path, relpath: str) -> None:
-        """Rename a staged file to ``relpath`` and fsync the directory (step 2)."""
+    def place(self, tmp: Path, relpath: str) -> Path:
+        """Rename a staged (fsynced) file to ``relpath``; its directory, to be fsynced.
+
+        New directories are made durable here; the caller fsyncs the returned directory
+        (:meth:`sync_directory`) before it acknowledges the instance.
+        """
         final = self.root / relpath
         try:
             if not final.parent.exists():
@@ -68,10 +72,17 @@ class Spool:
                 _fsync_dir(final.parent.parent)
                 _fsync_dir(self.root)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise spool_error(exc, relpath) from exc
+        return final.parent
+
+    def sync_directory(self, directory: Path) -> None:
+        """fsync a directory, so the renames into it survive a crash."""
+        try:
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise spool_error(exc, "a spool directory") from exc
 
     def discard(self, tmp: Path) -> None:
         """Remove a staged file that will not be published."""

@@ -2,11 +2,11 @@
 
 pynetdicom's chunked receive (``_config.STORE_RECV_CHUNKED_DATASET``) writes a preamble, a
 file meta and then every P-DATA fragment of the data set (PS3.8 §9.3.5.1) to a file as it
-arrives. The listener gives it a :class:`StagedFile` in the spool's temporary directory.
-A helper thread hashes each fragment and flushes the written part to the disk while the
-next fragments are still on the wire, so when the last one has arrived only the tail is
-left to fsync before the rename (PS3.4 B.2.3: Success only once the instance is safe).
-The bytes are the sender's; nothing is decoded or re-encoded.
+arrives. The listener gives it a :class:`StagedFile` in the spool's temporary directory,
+which hashes each fragment and asks the kernel to start writing it out as it arrives; once
+the last one is in, a helper thread fsyncs the file while the audit rows are written
+(PS3.4 B.2.3: Success only once the instance is safe). The bytes are the sender's;
+nothing is decoded or re-encoded.
 
 A failure while receiving (a full disk) never raises into pynetdicom, which would abort the
 association: it is kept in :attr:`StagedFile.error` and the C-STORE handler answers with a
@@ -31,40 +31,34 @@ from sijnode.daemon.spool import TMP_DIR, Spool, spool_error
 from sijnode.errors import DiskFullError, SpoolError
 
 # The leading bytes kept in memory: the header is parsed from them, not read back.
-HEAD_BYTES = 256 * 1024
+HEAD_BYTES = 64 * 1024
 
 
-def _writeback_starter() -> Callable[[int, int, int], None]:
-    """Start writing a file range to the disk without waiting: Linux sync_file_range(2).
+def _writeback_starter() -> Callable[[int, int, int], object]:
+    """Queue a file range for writeback without waiting: Linux sync_file_range(2).
 
-    With SYNC_FILE_RANGE_WRITE the kernel queues the range's dirty pages for writeback and
-    returns, so the final fsync only waits for what is still in flight. Elsewhere this is
-    a no-op and the final fsync does all the work.
+    With SYNC_FILE_RANGE_WRITE the kernel starts writing the range's dirty pages and
+    returns, so the fsync after the last fragment waits only for what is still in flight.
+    Where the call does not exist this does nothing and the fsync does all the work.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
     except (OSError, AttributeError, TypeError):
         return lambda fd, offset, length: None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
-    write = 2  # SYNC_FILE_RANGE_WRITE
-
-    def start(fd: int, offset: int, length: int) -> None:
-        call(fd, offset, length, write)  # advisory: an error surfaces in the final fsync
-
-    return start
+    return lambda fd, offset, length: call(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
-_start_writeback = _writeback_starter()
+start_writeback = _writeback_starter()
 
 
 class StagedFile:
     """One data set being received into the spool's temporary directory.
 
     Quacks like the ``NamedTemporaryFile`` pynetdicom expects (``write``, ``file.flush``,
-    ``name``, ``close``). Writes happen on the association's reader thread; hashing and
-    flushing on ``helpers``, one fragment after the other.
+    ``name``, ``close``). Writes and hashing happen on the association's reader thread,
+    the final fsync on ``helpers``.
     """
 
     def __init__(self, path: Path, helpers: Executor, error: SpoolError | None = None) -> None:
@@ -82,7 +76,6 @@ class StagedFile:
         self._helpers = helpers
         self._digest = hashlib.sha256()
         self._head = bytearray()
-        self._pending: Future[None] | None = None
         self._sealed: Future[None] | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -105,8 +98,10 @@ class StagedFile:
             except OSError as exc:
                 self.error = spool_error(exc, "a received instance")
             else:
-                offset, self.size = self.size, self.size + len(chunk)
-                self._pending = self._helpers.submit(self._absorb, chunk, offset, self._pending)
+                start_writeback(self._fd, self.size, len(chunk))
+                self.size += len(chunk)
+                # SHA-256 releases the GIL; here it costs less than a hand-off would
+                self._digest.update(chunk)
         return len(chunk)
 
     def flush(self) -> None:
@@ -117,23 +112,14 @@ class StagedFile:
         """The leading bytes: preamble, file meta and the start of the data set."""
         return bytes(self._head)
 
-    def _absorb(self, chunk: bytes, offset: int, previous: Future[None] | None) -> None:
-        if previous is not None:
-            previous.result()
-        self._digest.update(chunk)
-        if self._fd is not None:
-            _start_writeback(self._fd, offset, len(chunk))
-
     def _settle(self) -> None:
-        """Wait for the helper to finish every fragment written so far, and the fsync."""
-        for pending in (self._pending, self._sealed):
-            if pending is not None:
-                with contextlib.suppress(SpoolError):
-                    pending.result()
-        self._pending = None
+        """Wait for the helpers, if they were started."""
+        if self._sealed is not None:
+            with contextlib.suppress(SpoolError):
+                self._sealed.result()
 
     def start_seal(self) -> None:
-        """Start the final fsync in a helper (call once the last fragment is written)."""
+        """Start the hash and the final fsync in helpers (once the last fragment is in)."""
         if self._sealed is None:
             self._sealed = self._helpers.submit(self._fsync)
 
@@ -148,10 +134,7 @@ class StagedFile:
             raise self.error from exc
 
     def digest(self) -> str:
-        """SHA-256 of everything written (waits for the helper's last fragments)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """SHA-256 of everything written."""
         if self.error is not None:
             raise self.error
         return self._digest.hexdigest()

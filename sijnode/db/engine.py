@@ -1,7 +1,11 @@
 """Engines and sessions for the audit database: one engine per process, passed in.
 
-SQLite (embedded) runs in WAL mode with ``synchronous=FULL`` so a committed row survives a
-crash, with foreign keys on. PostgreSQL uses psycopg 3.
+SQLite (embedded) runs in WAL mode with foreign keys on. With ``synchronous=NORMAL`` (the
+node's default, ``database.sqlite_synchronous``) a committed row survives a crash of the
+process but the last commits before a power loss may not; ``FULL`` fsyncs every commit.
+The spool does not depend on it: every instance file is fsynced before Success, and
+start-up recovery records any spooled file that has no row (docs/receiving.md).
+PostgreSQL uses psycopg 3 and its server's own durability settings.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from sijnode.db.schema import Event, EventType
 from sijnode.errors import AuditError
 
 
-def make_engine(url: str, echo: bool = False) -> Engine:
+def make_engine(url: str, echo: bool = False, sqlite_synchronous: str = "full") -> Engine:
     """Create the engine for ``url``; creates the SQLite file's directory if needed."""
+    synchronous = {"full": "FULL", "normal": "NORMAL"}[sqlite_synchronous]
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -32,7 +37,7 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()

@@ -26,7 +26,11 @@ def make_worker_context(
     """Sessions, pipelines and model identities for one worker (its own engine if none)."""
     if sessions is None:
         sessions = make_sessionmaker(
-            make_engine(settings.database.url, echo=settings.database.echo)
+            make_engine(
+                settings.database.url,
+                echo=settings.database.echo,
+                sqlite_synchronous=settings.database.sqlite_synchronous,
+            )
         )
     return WorkerContext(
         settings, sessions, available_runners(), models or ModelIdentities(settings.pipelines)

@@ -1,0 +1,299 @@
+"""The receive fast path: data sets staged in the spool, answered on the reader thread."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import evt
+from sqlalchemy import insert, select, text
+
+from sijnode.daemon.header import read_header, read_keys
+from sijnode.daemon.node import Node
+from sijnode.daemon.scp import SUCCESS
+from sijnode.daemon.spool import Spool
+from sijnode.daemon.staging import StagedFile, open_staged
+from sijnode.db.engine import make_engine, make_sessionmaker, transaction
+from sijnode.db.migrate import upgrade
+from sijnode.db.prepared import PreparedStatement
+from sijnode.db.schema import Event, EventType, Instance, Study, StudyState
+from sijnode.errors import AuditError, DiskFullError, InvalidInstanceError
+from sijnode.synth import generate_ct_study, generate_mr_study
+from tests.conftest import require_tool
+from tests.nodes import count, node_settings, running_node, send, wait_for
+from tests.studies import encode, make_series, make_study
+
+
+@pytest.fixture
+def helpers() -> Any:
+    pool = ThreadPoolExecutor(2)
+    yield pool
+    pool.shutdown()
+
+
+def test_staged_file_hashes_and_seals_what_was_written(tmp_path: Path, helpers: Any) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    staged = open_staged(spool, helpers)
+    chunks = [os.urandom(1000), os.urandom(70_000), b"tail"]
+    for chunk in chunks:
+        assert staged.write(chunk) == len(chunk)
+    staged.seal()
+    assert staged.digest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert staged.size == sum(map(len, chunks))
+    assert staged.read() == b"".join(chunks)
+    assert staged.head == b"".join(chunks)[: len(staged.head)]
+    staged.discard()
+    assert not staged.path.exists()
+    staged.close()  # pynetdicom closes again after the handler: harmless
+
+
+def test_staged_file_keeps_a_write_error_instead_of_raising(tmp_path: Path, helpers: Any) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    staged = open_staged(spool, helpers)
+    os.close(staged._fd)  # type: ignore[arg-type]  # every later write fails with EBADF
+    staged._fd = os.open(os.devnull, os.O_RDONLY)
+    assert staged.write(b"x" * 10) == 10  # pynetdicom must not see an exception
+    assert staged.error is not None
+    with pytest.raises(type(staged.error)):
+        staged.seal()
+    staged.discard()
+    assert not staged.path.exists()
+
+
+def test_staged_file_below_minimum_free_space_takes_no_bytes(tmp_path: Path, helpers: Any) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=2**62)
+    staged = open_staged(spool, helpers)
+    assert isinstance(staged.error, DiskFullError)
+    staged.write(b"x" * 100)
+    assert staged.size == 0 and not staged.path.exists()
+    with pytest.raises(DiskFullError):
+        staged.digest()
+
+
+@pytest.mark.parametrize("make", [generate_ct_study, generate_mr_study])
+def test_read_keys_agrees_with_the_full_header(make: Any) -> None:
+    study = make(seed=3, subject_index=1, positive=True, side="left", n_slices=6)
+    for ds in study.datasets:
+        data = encode(ds)
+        keys, full = read_keys(data), read_header(data)
+        for name in (
+            "study_instance_uid",
+            "series_instance_uid",
+            "sop_instance_uid",
+            "sop_class_uid",
+            "transfer_syntax_uid",
+            "instance_number",
+            "slice_position",
+            "images_in_acquisition",
+            "series_related_instances",
+        ):
+            assert getattr(keys, name) == getattr(full, name), name
+
+
+def test_read_keys_refuses_what_read_header_refuses() -> None:
+    ds = make_study("keys-bad", n=1)[0]
+    ds.SeriesInstanceUID = "1.2.03.x"
+    with pytest.raises(InvalidInstanceError, match="SeriesInstanceUID"):
+        read_keys(encode(ds))
+    del ds.SeriesInstanceUID
+    with pytest.raises(InvalidInstanceError, match="SeriesInstanceUID"):
+        read_keys(encode(ds))
+    with pytest.raises(InvalidInstanceError):
+        read_keys(b"\0" * 128 + b"DICM" + b"garbage" * 10)
+
+
+def test_prepared_statement_writes_what_the_orm_writes(db_url: str) -> None:
+    """Dates, enums and JSON through the raw cursor read back as the ORM wrote them."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    at = datetime(2026, 11, 24, 10, 30, 15, 123456, tzinfo=UTC)
+    statement = PreparedStatement(
+        insert(Event), engine.dialect, ("type", "study_id", "association_id", "detail", "at")
+    )
+    with transaction(sessions) as session:
+        statement.execute(
+            session.connection(),
+            {
+                "type": EventType.INSTANCE_CONFLICT,
+                "study_id": None,
+                "association_id": None,
+                "detail": {"size": 3, "uid": "1.2.3"},
+                "at": at,
+            },
+        )
+        session.add(
+            Event(type=EventType.INSTANCE_CONFLICT, detail={"size": 3, "uid": "1.2.3"}, at=at)
+        )
+    with sessions() as session:
+        raw, orm = session.scalars(select(Event).order_by(Event.id)).all()
+        assert (raw.type, raw.detail) == (orm.type, orm.detail)
+        assert raw.at.replace(tzinfo=UTC) == orm.at.replace(tzinfo=UTC) == at
+        stored = session.execute(text("select at, type from events order by id")).all()
+        assert stored[0] == stored[1]
+    with pytest.raises(AuditError, match="missing"):
+        with transaction(sessions) as session:
+            statement.execute(session.connection(), {"type": EventType.RECOVERY})
+    engine.dispose()
+
+
+def test_each_c_store_is_answered_once_on_the_reader_thread(tmp_path: Path) -> None:
+    """The association thread never sees an answered C-STORE; the SCU gets one status each."""
+    settings = node_settings(tmp_path)
+    upgrade(settings.database.url)
+    node = Node(settings)
+    handled: list[int] = []
+    fallback = node.scp.handle_store
+
+    def counting(event: evt.Event) -> int:
+        handled.append(1)
+        return fallback(event)
+
+    node.scp.handle_store = counting  # type: ignore[method-assign]
+    node.start()
+    try:
+        study = make_study("reader-thread", n=5)
+        assert send(study, node.scp.port) == [SUCCESS] * 5
+        assert count(node, Instance) == 5
+        assert handled == []
+    finally:
+        node.stop()
+
+
+def test_a_failed_reader_thread_answer_falls_back_to_the_handler(tmp_path: Path) -> None:
+    """If sending the response fails on the reader thread, the handler answers once."""
+    settings = node_settings(tmp_path)
+    upgrade(settings.database.url)
+    node = Node(settings)
+    handled: list[int] = []
+    fallback = node.scp.handle_store
+    received = node.scp._on_dimse_received
+    failures = iter([True, False, False])
+
+    def counting(event: evt.Event) -> int:
+        handled.append(1)
+        return fallback(event)
+
+    def flaky(event: evt.Event) -> None:
+        if next(failures, False):
+            send_msg = event.assoc.dimse.send_msg
+
+            def broken(*args: Any) -> None:
+                event.assoc.dimse.send_msg = send_msg
+                raise RuntimeError("simulated failure before the response")
+
+            event.assoc.dimse.send_msg = broken
+        received(event)
+
+    node.scp.handle_store = counting  # type: ignore[method-assign]
+    node.scp._on_dimse_received = flaky  # type: ignore[method-assign]
+    node.start()
+    try:
+        study = make_study("fallback", n=3)
+        assert send(study, node.scp.port) == [SUCCESS] * 3
+        assert handled == [1]  # only the first, whose reader-thread answer failed
+        assert count(node, Instance) == 3  # ingested once, not twice
+        assert node.metrics.instances.labels(outcome="stored")._value.get() == 3
+    finally:
+        node.stop()
+
+
+def test_recovery_removes_rows_of_unacknowledged_instances(tmp_path: Path) -> None:
+    """A row committed whose rename did not survive (power loss) is removed at start-up."""
+    settings = node_settings(tmp_path, completion={"quiet_seconds": 600})
+    study = make_study("unacked", n=3)
+    with running_node(settings) as node:
+        assert send(study, node.scp.port) == [SUCCESS] * 3
+        with node.sessions() as s:
+            victim = s.scalars(select(Instance).order_by(Instance.id)).first()
+            assert victim is not None
+        node.spool.path(victim.spool_path).unlink()
+    with running_node(settings, migrate=False) as node:
+        with node.sessions() as s:
+            paths = set(s.scalars(select(Instance.spool_path)))
+            assert victim.spool_path not in paths and len(paths) == 2
+            events = s.scalars(select(Event).where(Event.type == EventType.RECOVERY)).all()
+            assert any(e.detail.get("unacknowledged_rows_removed") == 1 for e in events)
+
+
+def test_recovery_keeps_rows_of_studies_already_complete(tmp_path: Path) -> None:
+    """Files missing from a dispatched study are not taken for unacknowledged ones."""
+    settings = node_settings(tmp_path)
+    study = make_study("kept", n=2)
+    uid = str(study[0].StudyInstanceUID)
+    with running_node(settings) as node:
+        assert send(study, node.scp.port) == [SUCCESS] * 2
+
+        def state() -> StudyState | None:
+            with node.sessions() as s:
+                return s.scalar(select(Study.state).where(Study.study_instance_uid == uid))
+
+        wait_for(lambda: state() == StudyState.DISPATCHED)
+        with node.sessions() as s:
+            victim = s.scalars(select(Instance)).first()
+            assert victim is not None
+        node.spool.path(victim.spool_path).unlink()
+    with running_node(settings, migrate=False) as node:
+        assert count(node, Instance) == 2
+
+
+@pytest.mark.parametrize("mode,expected", [("normal", 1), ("full", 2)])
+def test_sqlite_synchronous_setting_reaches_the_connection(
+    tmp_path: Path, mode: str, expected: int
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}", sqlite_synchronous=mode)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == expected
+    engine.dispose()
+
+
+def test_the_node_uses_the_configured_sqlite_synchronous(tmp_path: Path) -> None:
+    for mode, expected in (("normal", 1), ("full", 2)):
+        settings = node_settings(tmp_path / mode, database={"sqlite_synchronous": mode})
+        with running_node(settings) as node:
+            with node.sessions() as s:
+                assert s.execute(text("PRAGMA synchronous")).scalar() == expected
+
+
+def test_a_cut_off_transfer_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """storescu killed in the middle of a data set: the partial file goes, the node stays."""
+    require_tool("storescu")
+    big = make_series("cutoff", "1.2.826.0.1.3680043.8.498.777", 1, 1, rows=4096)[0]
+    path = tmp_path / "big.dcm"
+    path.write_bytes(encode(big))  # 32 MB: more than the socket buffers hold
+    settings = node_settings(tmp_path)
+    midway = threading.Event()
+    original = StagedFile.write
+
+    def slow(self: StagedFile, data: Any) -> int:
+        n = original(self, data)
+        if self.size > 100_000 and not midway.is_set():
+            midway.set()
+            time.sleep(1.0)  # the sender is killed meanwhile
+        return n
+
+    with running_node(settings) as node:
+        StagedFile.write = slow  # type: ignore[method-assign]
+        try:
+            proc = subprocess.Popen(
+                ["storescu", "-aec", "SIJNODE", "127.0.0.1", str(node.scp.port), str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            assert midway.wait(30), "the transfer never started"
+            proc.kill()
+            proc.wait(10)
+        finally:
+            StagedFile.write = original  # type: ignore[method-assign]
+        tmp = tmp_path / "spool" / ".tmp"
+        wait_for(lambda: list(tmp.iterdir()) == [], timeout=30)
+        assert count(node, Instance) == 0
+        assert send(make_study("after-cutoff", n=1), node.scp.port) == [SUCCESS]
