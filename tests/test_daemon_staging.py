@@ -184,13 +184,13 @@ def test_a_failed_reader_thread_answer_falls_back_to_the_handler(tmp_path: Path)
 
     def flaky(event: evt.Event) -> None:
         if next(failures, False):
-            send_msg = event.assoc.dimse.send_msg
+            socket = event.assoc.dul.socket
 
             def broken(*args: Any) -> None:
-                event.assoc.dimse.send_msg = send_msg
+                del socket.send  # back to the class's method
                 raise RuntimeError("simulated failure before the response")
 
-            event.assoc.dimse.send_msg = broken
+            socket.send = broken
         received(event)
 
     node.scp.handle_store = counting  # type: ignore[method-assign]
@@ -297,3 +297,27 @@ def test_a_cut_off_transfer_leaves_no_temporary_file(tmp_path: Path) -> None:
         wait_for(lambda: list(tmp.iterdir()) == [], timeout=30)
         assert count(node, Instance) == 0
         assert send(make_study("after-cutoff", n=1), node.scp.port) == [SUCCESS]
+
+
+def test_c_store_response_pdu_decodes_as_pynetdicom_expects() -> None:
+    """The hand-encoded C-STORE-RSP round-trips through pynetdicom's own decoder."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    from sijnode.daemon.response import encode_c_store_rsp
+
+    for sop_uid, status in (("1.2.3.4", 0x0000), ("1.2.840.10008.55", 0xA700)):
+        pdu_bytes = encode_c_store_rsp(7, 4242, "1.2.840.10008.5.1.4.1.1.2", sop_uid, status)
+        pdu = P_DATA_TF()
+        pdu.decode(pdu_bytes)
+        assert pdu.encode() == pdu_bytes
+        message = DIMSEMessage()
+        assert message.decode_msg(pdu.to_primitive())
+        assert message.context_id == 7
+        primitive = message.message_to_primitive()
+        assert isinstance(primitive, C_STORE)
+        assert primitive.MessageIDBeingRespondedTo == 4242
+        assert primitive.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+        assert primitive.AffectedSOPInstanceUID == sop_uid
+        assert primitive.Status == status

@@ -31,13 +31,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.association import Association as PynetAssociation
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sijnode.daemon.ingest import Ingestor, IngestOutcome, IngestResult
 from sijnode.daemon.metrics import NodeMetrics
+from sijnode.daemon.response import encode_c_store_rsp
 from sijnode.daemon.staging import StagedFile
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.schema import Association, AssociationOutcome, EventType, utcnow
@@ -379,7 +379,8 @@ class StorageSCP:
 
         pynetdicom would hand the request to the association thread, which polls for it,
         and the response back to this thread, which polls too (up to a millisecond each).
-        Answering here skips both waits; the request is then kept off the association
+        Answering here skips both waits: the response PDU is encoded directly
+        (:mod:`sijnode.daemon.response`) and the request is kept off the association
         thread's queue (:class:`_UnansweredRequests`). Anything that goes wrong before the
         response is sent leaves the request to the association thread and
         :meth:`handle_store`, which reuses the outcome.
@@ -391,14 +392,22 @@ class StorageSCP:
         state.receiving = None
         staged.outcome = self._ingest(staged, state)
         command = event.message.command_set
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = command.MessageID
-        rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
-        rsp.AffectedSOPInstanceUID = command.AffectedSOPInstanceUID
-        rsp.Status = self._answer(staged, state, str(command.AffectedSOPInstanceUID or ""))
+        sop_instance_uid = str(command.AffectedSOPInstanceUID or "")
+        status = self._answer(staged, state, sop_instance_uid)
         context_id = event.message.context_id
         assert context_id is not None  # set with the command set
-        event.assoc.dimse.send_msg(rsp, context_id)
+        pdu = encode_c_store_rsp(
+            context_id,
+            int(command.MessageID),
+            str(command.AffectedSOPClassUID),
+            sop_instance_uid,
+            status,
+        )
+        # This is the reader thread, the only one that writes to the socket meanwhile.
+        socket = event.assoc.dul.socket
+        if socket is None:
+            return  # closing: the association thread decides
+        socket.send(pdu)
         staged.answered = True
 
     def _ingest(self, staged: StagedFile, state: _AssocState) -> Future[IngestResult]:
