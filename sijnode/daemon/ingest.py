@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,7 @@ class _HotPath:
 
 
 _CACHE_SIZE = 4096
+_SERIES_TOUCH_SECONDS = 1.0
 
 
 class _SameUID(NamedTuple):
@@ -161,8 +163,10 @@ class Ingestor:
         # UID → row id caches for the hot path; rows are never deleted, so an id stays valid.
         self._studies: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._series_ids: OrderedDict[str, int] = OrderedDict()
+        # series id → (monotonic time of the last UPDATE, expected count written then)
+        self._series_touched: OrderedDict[int, tuple[float, int | None]] = OrderedDict()
         # Cache entries of the transaction in hand; applied only once it has committed.
-        self._staged: list[tuple[OrderedDict[str, Any], str, Any]] = []
+        self._staged: list[tuple[OrderedDict[Any, Any], Any, Any]] = []
         self._prepared: dict[str, _HotPath] = {}
 
     def staged_file(self) -> StagedFile:
@@ -457,18 +461,26 @@ class Ingestor:
         expected = _expected(header)
         series_id = self._series_ids.get(header.series_instance_uid)
         if series_id is not None:
+            # Nothing decides on a series' last_received_at (the study's times the quiet
+            # rule), so it is refreshed once a second, and the expected count when it grows.
+            touched_at, known = self._series_touched.get(series_id, (-1e9, None))
+            fresh = time.monotonic() - touched_at < _SERIES_TOUCH_SECONDS
+            if fresh and (expected is None or (known is not None and expected <= known)):
+                return series_id
             conn = session.connection()
             touched = self._hot_path(conn).touch_series.execute(
                 conn, {"b_id": series_id, "b_now": now, "b_expected": expected}
             )
             if touched.rowcount == 1:
+                written = max(expected or 0, known or 0) or None
+                self._staged.append((self._series_touched, series_id, (time.monotonic(), written)))
                 return series_id
         series_id = self._series(session, study_id, header, now).id
         self._staged.append((self._series_ids, header.series_instance_uid, series_id))
         return series_id
 
     @staticmethod
-    def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         cache[key] = value
         cache.move_to_end(key)
         while len(cache) > _CACHE_SIZE:

@@ -32,6 +32,10 @@ from sijnode.errors import DiskFullError, SpoolError
 
 # The leading bytes kept in memory: the header is parsed from them, not read back.
 HEAD_BYTES = 64 * 1024
+# Pieces smaller than this together wait for more before they are written.
+SMALL_BYTES = 16 * 1024
+# Written bytes are queued for writeback once this many have gathered.
+WRITEBACK_BYTES = 256 * 1024
 
 
 def _writeback_starter() -> Callable[[int, int, int], object]:
@@ -77,6 +81,9 @@ class StagedFile:
         self._digest = hashlib.sha256()
         self._head = bytearray()
         self._sealed: Future[None] | None = None
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self._queued = 0  # bytes already queued for writeback
         self._lock = threading.Lock()
         self._fd: int | None = None
         if error is None:
@@ -86,23 +93,41 @@ class StagedFile:
                 self.error = spool_error(exc, "a temporary file")
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Append a fragment; a failure is kept for the handler, never raised."""
+        """Append a fragment; a failure is kept for the handler, never raised.
+
+        Small pieces (preamble, file meta) wait and go out with the next large one.
+        """
         chunk = data if isinstance(data, bytes) else bytes(data)
         if len(self._head) < HEAD_BYTES:
             self._head += chunk[: HEAD_BYTES - len(self._head)]
         if self.error is None and self._fd is not None:
-            try:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-            except OSError as exc:
-                self.error = spool_error(exc, "a received instance")
-            else:
-                start_writeback(self._fd, self.size, len(chunk))
-                self.size += len(chunk)
-                # SHA-256 releases the GIL; here it costs less than a hand-off would
-                self._digest.update(chunk)
+            self._waiting.append(chunk)
+            self._waiting_bytes += len(chunk)
+            if self._waiting_bytes >= SMALL_BYTES:
+                self._write_waiting()
         return len(chunk)
+
+    def _write_waiting(self) -> None:
+        pieces, self._waiting, self._waiting_bytes = self._waiting, [], 0
+        if not pieces or self.error is not None or self._fd is None:
+            return
+        try:
+            written = os.writev(self._fd, pieces)
+            total = sum(map(len, pieces))
+            if written < total:  # a short write: finish it piece by piece
+                rest = memoryview(b"".join(pieces))[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
+        except OSError as exc:
+            self.error = spool_error(exc, "a received instance")
+            return
+        for piece in pieces:
+            # SHA-256 releases the GIL; here it costs less than a hand-off would
+            self._digest.update(piece)
+        self.size += total
+        if self.size - self._queued >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._queued, self.size - self._queued)
+            self._queued = self.size
 
     def flush(self) -> None:
         """Nothing to do: every fragment is written through (pynetdicom calls this)."""
@@ -135,6 +160,7 @@ class StagedFile:
 
     def digest(self) -> str:
         """SHA-256 of everything written."""
+        self._write_waiting()
         if self.error is not None:
             raise self.error
         return self._digest.hexdigest()
@@ -147,6 +173,7 @@ class StagedFile:
 
     def read(self) -> bytes:
         """Everything written so far, read back (for headers longer than :data:`HEAD_BYTES`)."""
+        self._write_waiting()
         return self.path.read_bytes()
 
     def close(self) -> None:
