@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -67,17 +66,21 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 def geometry(
     orientation: list[float] | None, position: list[float] | None
 ) -> tuple[float | None, str | None]:
-    """Position along the slice normal (PS3.3 C.7.6.2.1.1) and the plane's name."""
+    """Position along the slice normal (PS3.3 C.7.6.2.1.1) and the plane's name.
+
+    Plain arithmetic on the two direction cosines: this runs for every received instance.
+    """
     if orientation is None or position is None or len(orientation) != 6 or len(position) != 3:
         return None, None
-    normal = np.cross(orientation[:3], orientation[3:])
-    along = float(np.dot(normal, position))
-    axis = int(np.argmax(np.abs(normal)))
-    dominance = float(np.abs(normal[axis]))
+    rx, ry, rz, cx, cy, cz = orientation
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    along = normal[0] * position[0] + normal[1] * position[1] + normal[2] * position[2]
+    sizes = [abs(v) for v in normal]
+    axis = sizes.index(max(sizes))
     name = ("sagittal", "coronal", "axial")[axis]
-    if dominance < 0.95:
+    if sizes[axis] < 0.95:
         name = "oblique-" + name
-    return along, name
+    return float(along), name
 
 
 def slice_geometry(ds: Dataset) -> tuple[float | None, str | None]:

@@ -35,7 +35,7 @@ HEAD_BYTES = 64 * 1024
 # Pieces smaller than this together wait for more before they are written.
 SMALL_BYTES = 16 * 1024
 # Written bytes are queued for writeback once this many have gathered.
-WRITEBACK_BYTES = 256 * 1024
+WRITEBACK_BYTES = 128 * 1024
 
 
 def _writeback_starter() -> Callable[[int, int, int], object]:
