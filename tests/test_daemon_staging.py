@@ -321,3 +321,37 @@ def test_c_store_response_pdu_decodes_as_pynetdicom_expects() -> None:
         assert primitive.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
         assert primitive.AffectedSOPInstanceUID == sop_uid
         assert primitive.Status == status
+
+
+@pytest.mark.parametrize(
+    "sop_class,sop_instance,syntax",
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.12345", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", "2.25.1", "1.2.840.10008.1.2.4.50"),
+    ],
+)
+def test_file_meta_is_byte_for_byte_what_pydicom_writes(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from sijnode.daemon import filemeta
+
+    reference = DicomBytesIO()
+    write_file_meta_info(
+        reference,
+        create_file_meta(
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+        ),
+    )
+    fast = DicomBytesIO()
+    filemeta.write_file_meta_info(
+        fast,
+        filemeta.create_file_meta(
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+        ),
+    )
+    assert fast.getvalue() == reference.getvalue()

@@ -35,6 +35,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from sijnode.daemon import filemeta
 from sijnode.daemon.ingest import Ingestor, IngestOutcome, IngestResult
 from sijnode.daemon.metrics import NodeMetrics
 from sijnode.daemon.response import encode_c_store_rsp
@@ -105,6 +106,8 @@ class _AssocState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The data set being received now (a DIMSE message is never interleaved with another).
     receiving: StagedFile | None = None
+    # The file for the next data set, made while the peer reads the last answer.
+    spare: StagedFile | None = None
 
 
 # Listeners by their AE, for the chunked-receive file factory below.
@@ -129,11 +132,15 @@ def _receive_into_spool() -> None:
     """Switch pynetdicom to chunked receive with the factory above (idempotent).
 
     Also unbinds pynetdicom's standard log handlers, which format every PDU and DIMSE
-    message for its debug log; the node writes its own structured log lines instead.
+    message for its debug log (the node writes its own structured log lines instead), and
+    encodes the file meta of received instances directly (:mod:`sijnode.daemon.filemeta`).
     """
     _config.LOG_HANDLER_LEVEL = "none"
     _config.STORE_RECV_CHUNKED_DATASET = True
     pynetdicom.dimse_messages.NamedTemporaryFile = _chunk_file
+    # the same file meta bytes, without a pydicom data set per instance (filemeta.py)
+    pynetdicom.dimse_messages.create_file_meta = filemeta.create_file_meta  # type: ignore[assignment]  # read only by the writer below
+    pynetdicom.dimse_messages.write_file_meta_info = filemeta.write_file_meta_info
 
 
 class _UnansweredRequests(queue.Queue[Any]):
@@ -324,6 +331,8 @@ class StorageSCP:
         partial = state.receiving
         if partial is not None and partial.outcome is None:
             partial.discard()  # cut off mid-transfer: never acknowledged
+        if state.spare is not None:
+            state.spare.discard()
         if state.db_id is None:
             return
         log.info(
@@ -366,8 +375,11 @@ class StorageSCP:
 
     def staged_file(self, assoc: PynetAssociation) -> StagedFile:
         """The file a data set arriving on ``assoc`` is written into (reader thread)."""
-        staged = self.ingestor.staged_file()
-        self._state(assoc).receiving = staged
+        state = self._state(assoc)
+        staged, state.spare = state.spare, None
+        if staged is None:
+            staged = self.ingestor.staged_file()
+        state.receiving = staged
         return staged
 
     def _limit_reached(self, state: _AssocState) -> bool:
@@ -409,6 +421,9 @@ class StorageSCP:
             return  # closing: the association thread decides
         socket.send(pdu)
         staged.answered = True
+        # While the peer reads the answer and prepares its next instance, this thread
+        # would only wait: make the next instance's file now.
+        state.spare = self.ingestor.staged_file()
 
     def _ingest(self, staged: StagedFile, state: _AssocState) -> Future[IngestResult]:
         """Ingest ``staged``; a resolved future with the result or the error."""
