@@ -177,11 +177,11 @@ class DatabaseSettings(_Section):
         description="Keep a table that maps pseudonyms back to identifiers (off by default).",
     )
     echo: bool = Field(False, description="Log every SQL statement (debugging only).")
-    sqlite_synchronous: Literal["normal", "full"] = Field(
-        "normal",
+    sqlite_synchronous: Literal["full", "normal"] = Field(
+        "full",
         description=(
-            "SQLite only: 'normal' commits survive a crash of the node (the spool is fsynced "
-            "and re-recorded after a power loss); 'full' also fsyncs every commit."
+            "SQLite only: 'full' fsyncs every commit; 'normal' commits survive a crash of the "
+            "node but not always a power loss (the fsynced spool is re-recorded at start-up)."
         ),
     )
 

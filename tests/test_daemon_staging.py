@@ -164,6 +164,8 @@ def test_each_c_store_is_answered_once_on_the_reader_thread(tmp_path: Path) -> N
         assert send(study, node.scp.port) == [SUCCESS] * 5
         assert count(node, Instance) == 5
         assert handled == []
+        # the association row exists before the first C-STORE can arrive
+        assert count(node, Instance, Instance.association_id.is_(None)) == 0
     finally:
         node.stop()
 

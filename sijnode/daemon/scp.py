@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import queue
 import ssl
-import tempfile
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import pynetdicom.dimse_messages
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -29,15 +25,15 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from sijnode.daemon import filemeta
 from sijnode.daemon.ingest import Ingestor, IngestOutcome, IngestResult
 from sijnode.daemon.metrics import NodeMetrics
+from sijnode.daemon.receive import UnansweredRequests, receive_into_spool, stop_receiving
 from sijnode.daemon.response import encode_c_store_rsp
 from sijnode.daemon.staging import StagedFile
 from sijnode.db.engine import record_event, transaction
@@ -110,54 +106,6 @@ class _AssocState:
     spare: StagedFile | None = None
 
 
-# Listeners by their AE, for the chunked-receive file factory below.
-_LISTENERS: weakref.WeakKeyDictionary[AE, StorageSCP] = weakref.WeakKeyDictionary()
-_DEFAULT_TEMPORARY_FILE = tempfile.NamedTemporaryFile
-
-
-def _chunk_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's file for a received data set: a spool StagedFile for sijnode's AEs.
-
-    pynetdicom creates it on the association's reader thread (its DUL, which knows the
-    association); any other AE in the process keeps pynetdicom's own temporary file.
-    """
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    listener = _LISTENERS.get(assoc.ae) if assoc is not None else None
-    if assoc is None or listener is None:
-        return _DEFAULT_TEMPORARY_FILE(*args, **kwargs)
-    return listener.staged_file(assoc)
-
-
-def _receive_into_spool() -> None:
-    """Switch pynetdicom to chunked receive with the factory above (idempotent).
-
-    Also unbinds pynetdicom's standard log handlers, which format every PDU and DIMSE
-    message for its debug log (the node writes its own structured log lines instead), and
-    encodes the file meta of received instances directly (:mod:`sijnode.daemon.filemeta`).
-    """
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    pynetdicom.dimse_messages.NamedTemporaryFile = _chunk_file
-    # the same file meta bytes, without a pydicom data set per instance (filemeta.py)
-    pynetdicom.dimse_messages.create_file_meta = filemeta.create_file_meta  # type: ignore[assignment]  # read only by the writer below
-    pynetdicom.dimse_messages.write_file_meta_info = filemeta.write_file_meta_info
-
-
-class _UnansweredRequests(queue.Queue[Any]):
-    """An association's queue of received DIMSE messages, without answered C-STOREs.
-
-    pynetdicom queues every decoded request for the association thread; a C-STORE the
-    reader thread has already answered (:meth:`StorageSCP._on_dimse_received`) must not be
-    answered twice, so it is dropped here.
-    """
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        staged = getattr(item[1], "_dataset_file", None)
-        if isinstance(staged, StagedFile) and staged.answered:
-            return
-        super().put(item, block, timeout)
-
-
 class _LimitReached(SijnodeError):
     """The association has sent as many instances as one association may."""
 
@@ -210,12 +158,12 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_DIMSE_RECV, self._on_dimse_received),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_REJECTED, self._on_closed, [AssociationOutcome.REJECTED]),
             (evt.EVT_RELEASED, self._on_closed, [AssociationOutcome.RELEASED]),
             (evt.EVT_ABORTED, self._on_closed, [AssociationOutcome.ABORTED]),
             (evt.EVT_CONN_CLOSE, self._on_closed, [AssociationOutcome.ABORTED]),
         ]
-        _LISTENERS[self.ae] = self
-        _receive_into_spool()
+        receive_into_spool(self.ae, self)
         self.server = self.ae.start_server(
             (self.settings.bind_address, self.settings.port),
             block=False,
@@ -237,7 +185,7 @@ class StorageSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-        _LISTENERS.pop(self.ae, None)
+        stop_receiving(self.ae)
 
     # -- association events -------------------------------------------------------------
 
@@ -263,6 +211,7 @@ class StorageSCP:
         elif not self._address_allowed(address):
             reject, reason = REJECT_NO_REASON, "source address not allowed"
         if reject is None:
+            self._admit(assoc, calling, str(request.called_ae_title).strip())
             return
         self.metrics.associations.labels(outcome="rejected").inc()
         log.warning(
@@ -293,32 +242,48 @@ class StorageSCP:
         assoc.acse.send_reject(*reject)
         assoc.kill()
 
-    def _on_accepted(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
+    def _admit(self, assoc: PynetAssociation, calling: str, called: str) -> None:
+        """Record an association the allow-lists let in, before it is accepted.
+
+        The state and the row exist before the A-ASSOCIATE-AC goes out, because the peer
+        may send its first C-STORE at once and the reader thread handles it
+        (:meth:`_on_dimse_received`) while EVT_ACCEPTED is still being delivered.
+        """
         db_id: int | None = None
         try:
             with transaction(self.sessions) as session:
                 row = Association(
                     calling_ae_title=calling[:16],
-                    called_ae_title=str(assoc.acceptor.ae_title).strip()[:16],
+                    called_ae_title=called[:16],
                     peer_address=str(assoc.requestor.address),
                     peer_port=assoc.requestor.port,
                     tls=self.settings.tls.enabled,
                 )
                 session.add(row)
                 session.flush()
-                record_event(session, EventType.ASSOCIATION_ACCEPTED, association_id=row.id)
                 db_id = row.id
         except AuditError as exc:
             log.error("could not record an association", extra=fields(error=str(exc)))
         with self._lock:
             self._assocs[id(assoc)] = _AssocState(db_id, calling)
-        assoc.dimse.msg_queue = _UnansweredRequests()
+        assoc.dimse.msg_queue = UnansweredRequests()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        state = self._state(event.assoc)
+        if state.db_id is not None:
+            try:
+                with transaction(self.sessions) as session:
+                    record_event(
+                        session, EventType.ASSOCIATION_ACCEPTED, association_id=state.db_id
+                    )
+            except AuditError as exc:
+                log.error("could not record an association", extra=fields(error=str(exc)))
         log.info(
             "association accepted",
             extra=fields(
-                association_id=db_id, calling_ae_title=calling, address=assoc.requestor.address
+                association_id=state.db_id,
+                calling_ae_title=state.calling_ae_title,
+                address=event.assoc.requestor.address,
             ),
         )
         self.metrics.associations.labels(outcome="accepted").inc()
@@ -393,9 +358,9 @@ class StorageSCP:
         and the response back to this thread, which polls too (up to a millisecond each).
         Answering here skips both waits: the response PDU is encoded directly
         (:mod:`sijnode.daemon.response`) and the request is kept off the association
-        thread's queue (:class:`_UnansweredRequests`). Anything that goes wrong before the
-        response is sent leaves the request to the association thread and
-        :meth:`handle_store`, which reuses the outcome.
+        thread's queue (:class:`~sijnode.daemon.receive.UnansweredRequests`). Anything
+        that goes wrong before the response is sent leaves the request to the association
+        thread and :meth:`handle_store`, which reuses the outcome.
         """
         staged = getattr(event.message, "_data_set_file", None)
         if not isinstance(staged, StagedFile):

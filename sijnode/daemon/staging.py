@@ -34,6 +34,8 @@ from sijnode.errors import DiskFullError, SpoolError
 HEAD_BYTES = 64 * 1024
 # Pieces smaller than this together wait for more before they are written.
 SMALL_BYTES = 16 * 1024
+# Pieces written with one writev(2) at most (well below IOV_MAX).
+_MAX_PIECES = 64
 # Written bytes are queued for writeback once this many have gathered.
 WRITEBACK_BYTES = 128 * 1024
 
@@ -103,7 +105,7 @@ class StagedFile:
         if self.error is None and self._fd is not None:
             self._waiting.append(chunk)
             self._waiting_bytes += len(chunk)
-            if self._waiting_bytes >= SMALL_BYTES:
+            if self._waiting_bytes >= SMALL_BYTES or len(self._waiting) >= _MAX_PIECES:
                 self._write_waiting()
         return len(chunk)
 

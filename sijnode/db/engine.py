@@ -1,8 +1,8 @@
 """Engines and sessions for the audit database: one engine per process, passed in.
 
-SQLite (embedded) runs in WAL mode with foreign keys on. With ``synchronous=NORMAL`` (the
-node's default, ``database.sqlite_synchronous``) a committed row survives a crash of the
-process but the last commits before a power loss may not; ``FULL`` fsyncs every commit.
+SQLite (embedded) runs in WAL mode with foreign keys on. ``synchronous=FULL`` (the default,
+``database.sqlite_synchronous``) fsyncs every commit; with ``NORMAL`` a committed row
+survives a crash of the process but the last commits before a power loss may not.
 The spool does not depend on it: every instance file is fsynced before Success, and
 start-up recovery records any spooled file that has no row (docs/receiving.md).
 PostgreSQL uses psycopg 3 and its server's own durability settings.
