@@ -16,7 +16,8 @@ import pytest
 from pynetdicom import evt
 from sqlalchemy import insert, select, text
 
-from sijnode.daemon.header import read_header, read_keys
+from sijnode.daemon.header import read_header
+from sijnode.daemon.keys import read_keys
 from sijnode.daemon.node import Node
 from sijnode.daemon.scp import SUCCESS
 from sijnode.daemon.spool import Spool
@@ -357,3 +358,42 @@ def test_file_meta_is_byte_for_byte_what_pydicom_writes(
         ),
     )
     assert fast.getvalue() == reference.getvalue()
+
+
+def _corpus_instances() -> list[Path]:
+    """pydicom's bundled test files (the local ones; nothing is downloaded)."""
+    import pydicom.data
+
+    root = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_key_scan_agrees_with_pydicom_on_its_test_corpus() -> None:
+    """The header walk and pydicom read the same keys, or the walk hands over to pydicom."""
+    from sijnode.daemon import keys
+
+    walked = 0
+    for path in _corpus_instances():
+        data = path.read_bytes()
+        scanned = keys._scan(data)
+        if scanned is None:
+            continue
+        try:
+            reference, syntax = keys._read_with_pydicom(data)
+        except InvalidInstanceError:
+            continue
+        values, scanned_syntax = scanned
+        assert scanned_syntax == syntax, path.name
+        for tag in keys._KEY_TAGS:
+            assert keys._text(values, tag) == keys._text(reference, tag), (path.name, hex(tag))
+        walked += 1
+    assert walked >= 20  # the walk covers most of the corpus, not a handful
+
+
+@pytest.mark.parametrize("make", [generate_ct_study, generate_mr_study])
+def test_key_scan_reads_the_synthetic_studies_without_pydicom(make: Any) -> None:
+    from sijnode.daemon import keys
+
+    study = make(seed=5, subject_index=1, positive=False, side="none", n_slices=4)
+    for ds in study.datasets:
+        assert keys._scan(encode(ds)) is not None

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
 
 from sijnode.errors import InvalidInstanceError
 from sijnode.uids import is_valid_uid
+
+READ_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError)
 
 
 @dataclass(frozen=True)
@@ -93,115 +94,11 @@ def slice_geometry(ds: Dataset) -> tuple[float | None, str | None]:
     return geometry(iop, ipp)
 
 
-@dataclass(frozen=True)
-class InstanceKeys:
-    """What the receive path records for an instance of a series it already knows."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    instance_number: int | None
-    slice_position: float | None
-    images_in_acquisition: int | None
-    series_related_instances: int | None
-
-
-# The attributes behind InstanceKeys; the data set is read no further than the last one.
-_SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
-_STUDY, _SERIES, _NUMBER = 0x0020000D, 0x0020000E, 0x00200013
-_POSITION, _ORIENTATION = 0x00200032, 0x00200037
-_IN_ACQUISITION, _IN_SERIES = 0x00201002, 0x00201209
-_KEY_TAGS = [
-    _SOP_CLASS,
-    _SOP_INSTANCE,
-    _STUDY,
-    _SERIES,
-    _NUMBER,
-    _POSITION,
-    _ORIENTATION,
-    _IN_ACQUISITION,
-    _IN_SERIES,
-]
-_UID_NAMES = {
-    _SOP_CLASS: "SOPClassUID",
-    _SOP_INSTANCE: "SOPInstanceUID",
-    _STUDY: "StudyInstanceUID",
-    _SERIES: "SeriesInstanceUID",
-}
-_READ_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError)
-
-
-def _past_keys(tag: int, vr: str | None, length: int) -> bool:
-    return tag > _IN_SERIES
-
-
-def _text(ds: Dataset, tag: int) -> str:
-    """A short text value as stored (UI, IS, DS: ASCII, PS3.5 §6.2), without padding."""
-    element = ds.get_item(tag)
-    raw = element.value if element is not None else None
-    if isinstance(raw, bytes):
-        return raw.decode("ascii", "replace").rstrip("\x00 ").strip()
-    if raw is None:
-        return ""
-    if isinstance(raw, MultiValue | list | tuple):
-        return "\\".join(str(v) for v in raw)
-    return str(raw).strip()
-
-
-def _numbers(text: str) -> list[float] | None:
-    try:
-        return [float(v) for v in text.split("\\")] if text else None
-    except ValueError:
-        return None
-
-
-def _integer(text: str) -> int | None:
-    try:
-        return int(float(text)) if text else None
-    except ValueError:
-        return None
-
-
-def read_keys(data: bytes) -> InstanceKeys:
-    """The UIDs and numbers only, reading no further than (0020,1209): the receive path.
-
-    Any transfer syntax pydicom can read, deflated included; raises InvalidInstanceError
-    on garbage or on a missing or malformed UID (PS3.5 §9.1), as :func:`read_header` does.
-    """
-    try:
-        ds = read_partial(io.BytesIO(data), stop_when=_past_keys, specific_tags=_KEY_TAGS)
-    except _READ_ERRORS as exc:
-        raise InvalidInstanceError(f"not a readable DICOM instance: {exc}") from exc
-    uids: dict[int, str] = {}
-    for tag, name in _UID_NAMES.items():
-        uid = _text(ds, tag)
-        if not uid:
-            raise InvalidInstanceError(f"instance lacks a required UID: {name}")
-        if not is_valid_uid(uid):
-            raise InvalidInstanceError(f"{name} is not a valid UID (PS3.5 §9.1): {uid!r}")
-        uids[tag] = uid
-    position, _ = geometry(_numbers(_text(ds, _ORIENTATION)), _numbers(_text(ds, _POSITION)))
-    meta = getattr(ds, "file_meta", None)
-    return InstanceKeys(
-        study_instance_uid=uids[_STUDY],
-        series_instance_uid=uids[_SERIES],
-        sop_instance_uid=uids[_SOP_INSTANCE],
-        sop_class_uid=uids[_SOP_CLASS],
-        transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
-        instance_number=_integer(_text(ds, _NUMBER)),
-        slice_position=position,
-        images_in_acquisition=_integer(_text(ds, _IN_ACQUISITION)),
-        series_related_instances=_integer(_text(ds, _IN_SERIES)),
-    )
-
-
 def read_header(data: bytes) -> InstanceHeader:
     """Parse the header of an encoded instance (with file meta); raise on garbage."""
     try:
         ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise InvalidInstanceError(f"not a readable DICOM instance: {exc}") from exc
     try:
         study = str(ds.StudyInstanceUID)

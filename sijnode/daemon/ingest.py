@@ -25,7 +25,8 @@ from sqlalchemy import Connection, Integer, bindparam, case, func, insert, selec
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
-from sijnode.daemon.header import InstanceHeader, InstanceKeys, read_header, read_keys
+from sijnode.daemon.header import InstanceHeader, read_header
+from sijnode.daemon.keys import InstanceKeys, read_keys
 from sijnode.daemon.spool import Spool, content_hash
 from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
 from sijnode.db.engine import record_event, transaction
