@@ -78,6 +78,7 @@ class Run:
 
     receiver: str
     associations: int
+    round: int
     seconds: float
     instances: int
     megabytes: float
@@ -218,6 +219,7 @@ def _drop_bench_schemas() -> None:
 
 def measure(
     name: str,
+    round_: int,
     receiver: Callable[[Path], object],
     files: list[Path],
     associations: int,
@@ -228,7 +230,7 @@ def measure(
         time.sleep(0.2)
         instances = len(times)
     size = sum(p.stat().st_size for p in files) / 1e6
-    return Run(name, associations, seconds, instances, size, list(times))
+    return Run(name, associations, round_, seconds, instances, size, list(times))
 
 
 def main() -> None:
@@ -252,12 +254,12 @@ def main() -> None:
         runs: list[Run] = []
         counter = 0
         for associations in (1, 4):
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 for name, receiver in receivers.items():
                     counter += 1
                     workdir = tmp / f"r{counter}"
                     workdir.mkdir()
-                    run = measure(name, receiver, files, associations, workdir)
+                    run = measure(name, round_, receiver, files, associations, workdir)
                     if run.instances != len(files):
                         raise RuntimeError(f"{name}: {run.instances} of {len(files)} received")
                     runs.append(run)
@@ -278,7 +280,10 @@ def render(runs: list[Run], slices: int) -> str:
         "## Ingest: sijnode against a bare pynetdicom SCP",
         "",
         f"DCMTK `storescu` sends {slices} CT slices of 512×512 int16 (about "
-        f"{runs[0].megabytes:.0f} MB) to each receiver; medians of the interleaved rounds. "
+        f"{runs[0].megabytes:.0f} MB) to each receiver, in {max(r.round for r in runs) + 1} "
+        "interleaved rounds. Rates are medians over the rounds; a ratio is taken within each "
+        "round (the receivers run back to back there) and the median and the range of those "
+        "per-round ratios are shown, because the machine's speed drifts between rounds. "
         "The bare SCP writes the raw bytes only (the reference of the target), with "
         "pynetdicom's defaults. The second bare SCP writes them as durably as sijnode must "
         "(temporary file, fsync, rename, directory fsync) and nothing else. sijnode "
@@ -296,8 +301,6 @@ def render(runs: list[Run], slices: int) -> str:
     for associations in (1, 4):
         subset = [r for r in runs if r.associations == associations]
         names = list(dict.fromkeys(r.receiver for r in subset))
-        base = statistics.median(r.per_second for r in subset if r.receiver == BARE)
-        durable = statistics.median(r.per_second for r in subset if r.receiver == DURABLE)
         for name in names:
             mine = [r for r in subset if r.receiver == name]
             rate = statistics.median(r.per_second for r in mine)
@@ -305,7 +308,7 @@ def render(runs: list[Run], slices: int) -> str:
             p95 = statistics.median(r.p95_ms for r in mine)
             lines.append(
                 f"| {name} | {associations} | {rate:.1f} | {mbps:.1f} | {p95:.2f} | "
-                f"{rate / base:.2f}× | {rate / durable:.2f}× |"
+                f"{_paired(subset, name, BARE)} | {_paired(subset, name, DURABLE)} |"
             )
     bare = [r for r in runs if r.receiver == BARE and r.associations == 1]
     durable_runs = [r for r in runs if r.receiver == DURABLE and r.associations == 1]
@@ -328,6 +331,19 @@ def render(runs: list[Run], slices: int) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _paired(runs: list[Run], name: str, reference: str) -> str:
+    """Median (and range) over the rounds of ``name``'s rate / ``reference``'s rate."""
+    rates = {(r.receiver, r.round): r.per_second for r in runs}
+    ratios = sorted(
+        rates[(name, k)] / rates[(reference, k)]
+        for (receiver, k) in rates
+        if receiver == name and (reference, k) in rates
+    )
+    if name == reference:
+        return "1.00×"
+    return f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
 
 
 def write_section(path: Path, section: str) -> None:
