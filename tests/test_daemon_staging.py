@@ -397,3 +397,22 @@ def test_key_scan_reads_the_synthetic_studies_without_pydicom(make: Any) -> None
     study = make(seed=5, subject_index=1, positive=False, side="none", n_slices=4)
     for ds in study.datasets:
         assert keys._scan(encode(ds)) is not None
+
+
+def test_optimistic_path_falls_back_for_duplicates_and_conflicts(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The one-round-trip path stores new instances; re-sends and conflicts take the long
+    way with the same outcomes, on SQLite and on PostgreSQL (pipeline mode)."""
+    study = make_study("optimistic", n=4)
+    other = make_study("optimistic", n=4)
+    other[2].SeriesDescription = "changed"  # same SOP Instance UID, different bytes
+    settings = node_settings(tmp_path, db_url=db_url, completion={"quiet_seconds": 600})
+    with running_node(settings) as node:
+        assert send(study, node.scp.port) == [SUCCESS] * 4
+        assert send(study, node.scp.port) == [SUCCESS] * 4
+        assert send(other[2:3], node.scp.port) == [SUCCESS]
+        assert count(node, Instance) == 5
+        assert count(node, Event, Event.type == EventType.INSTANCE_DUPLICATE) == 4
+        assert count(node, Instance, Instance.conflict.is_(True)) == 2
+        assert count(node, Instance, Instance.association_id.is_(None)) == 0

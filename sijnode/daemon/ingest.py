@@ -22,6 +22,8 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Integer, bindparam, case, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +32,7 @@ from sijnode.daemon.keys import InstanceKeys, read_keys
 from sijnode.daemon.spool import Spool, content_hash
 from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
 from sijnode.db.engine import record_event, transaction
-from sijnode.db.prepared import PreparedStatement
+from sijnode.db.prepared import PreparedStatement, run_pipelined
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
 from sijnode.db.reid import remember_identifiers
 from sijnode.db.schema import Event, EventType, Instance, Series, Study, StudyState, utcnow
@@ -91,6 +93,13 @@ _INSTANCE_COLUMNS = (
 _EVENT_COLUMNS = ("type", "study_id", "association_id", "detail", "at")
 
 
+def _insert_new_instance(dialect: Dialect) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING id, for SQLite and PostgreSQL."""
+    if dialect.name == "postgresql":
+        return postgresql_insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+    return sqlite_insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+
+
 class _HotPath:
     """The per-instance statements, prepared for one dialect (see sijnode.db.prepared)."""
 
@@ -99,6 +108,10 @@ class _HotPath:
         self.touch_study = PreparedStatement(_TOUCH_STUDY, dialect)
         self.touch_series = PreparedStatement(_TOUCH_SERIES, dialect)
         self.insert_instance = PreparedStatement(_INSERT_INSTANCE, dialect, _INSTANCE_COLUMNS)
+        # the optimistic INSERT of _record_fast: a copy already there inserts nothing
+        self.insert_new_instance = PreparedStatement(
+            _insert_new_instance(dialect), dialect, _INSTANCE_COLUMNS
+        )
         self.insert_event = PreparedStatement(_INSERT_EVENT, dialect, _EVENT_COLUMNS)
 
 
@@ -111,6 +124,37 @@ class _SameUID(NamedTuple):
     sha256: str
     study_id: int
     spool_path: str
+
+
+def _instance_row(
+    header: InstanceHeader | InstanceKeys,
+    series_id: int,
+    study_id: int,
+    association_id: int | None,
+    size: int,
+    sha: str,
+    relpath: str,
+    conflict: bool,
+    now: datetime,
+    generation: int,
+) -> dict[str, Any]:
+    """The parameters of the instance row's INSERT (:data:`_INSTANCE_COLUMNS`)."""
+    return {
+        "series_id": series_id,
+        "study_id": study_id,
+        "association_id": association_id,
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "size_bytes": size,
+        "sha256": sha,
+        "spool_path": relpath,
+        "instance_number": header.instance_number,
+        "slice_position": header.slice_position,
+        "conflict": conflict,
+        "received_at": now,
+        "generation": generation,
+    }
 
 
 def _expected(header: InstanceHeader | InstanceKeys) -> int | None:
@@ -332,6 +376,9 @@ class Ingestor:
         need it are written, so a helper can hash meanwhile. ``relpath`` is derived from
         the UIDs and the hash unless given (a file already in the spool).
         """
+        fast = self._record_fast(session, header, digest, size, relpath, association_id, now)
+        if fast is not None:
+            return fast
         conn = session.connection()
         hot = self._hot_path(conn)
         same_uid = [
@@ -365,22 +412,18 @@ class Ingestor:
             )
         instance_id = hot.insert_instance.execute(
             conn,
-            {
-                "series_id": series_id,
-                "study_id": study_id,
-                "association_id": association_id,
-                "sop_instance_uid": header.sop_instance_uid,
-                "sop_class_uid": header.sop_class_uid,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                "size_bytes": size,
-                "sha256": sha,
-                "spool_path": relpath,
-                "instance_number": header.instance_number,
-                "slice_position": header.slice_position,
-                "conflict": conflict,
-                "received_at": now,
-                "generation": generation,
-            },
+            _instance_row(
+                header,
+                series_id,
+                study_id,
+                association_id,
+                size,
+                sha,
+                relpath,
+                conflict,
+                now,
+                generation,
+            ),
         ).fetchone()[0]
         if conflict:
             conn.execute(
@@ -402,6 +445,73 @@ class Ingestor:
             )
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
         return IngestResult(outcome, study_id, instance_id, relpath)
+
+    def _record_fast(
+        self,
+        session: Session,
+        header: InstanceHeader | InstanceKeys,
+        digest: Callable[[], str],
+        size: int,
+        relpath: str | None,
+        association_id: int | None,
+        now: datetime,
+    ) -> IngestResult | None:
+        """The usual case in one round trip: a new instance of a known, receiving series.
+
+        The SOP Instance UID lookup, the study's touch and the instance row go out
+        together (:func:`~sijnode.db.prepared.run_pipelined`); if the UID was already
+        there or the study no longer receives, the transaction is rolled back and None
+        returned, and :meth:`_record` takes the long way.
+        """
+        study = self._studies.get(header.study_instance_uid)
+        series_id = self._series_ids.get(header.series_instance_uid)
+        if study is None or series_id is None or self._series_due(series_id, _expected(header)):
+            return None
+        study_id, generation = study
+        sha = digest()
+        if relpath is None:
+            relpath = self.spool.relpath_for(
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                sha,
+            )
+        conn = session.connection()
+        hot = self._hot_path(conn)
+        same, touched, inserted = run_pipelined(
+            conn,
+            [
+                (hot.same_uid, {"b_uid": header.sop_instance_uid}),
+                (hot.touch_study, {"b_id": study_id, "b_generation": generation, "b_now": now}),
+                (
+                    hot.insert_new_instance,
+                    _instance_row(
+                        header,
+                        series_id,
+                        study_id,
+                        association_id,
+                        size,
+                        sha,
+                        relpath,
+                        False,
+                        now,
+                        generation,
+                    ),
+                ),
+            ],
+        )
+        row = inserted.fetchone()
+        if same.fetchall() or touched.rowcount != 1 or row is None:
+            session.rollback()
+            return None
+        return IngestResult(IngestOutcome.STORED, study_id, row[0], relpath)
+
+    def _series_due(self, series_id: int, expected: int | None) -> bool:
+        """Whether the series row needs its UPDATE now (see :meth:`_touch_series`)."""
+        touched_at, known = self._series_touched.get(series_id, (-1e9, None))
+        if time.monotonic() - touched_at >= _SERIES_TOUCH_SECONDS:
+            return True
+        return expected is not None and (known is None or expected > known)
 
     def _hot_path(self, conn: Connection) -> _HotPath:
         hot = self._prepared.get(conn.dialect.name)
@@ -464,9 +574,8 @@ class Ingestor:
         if series_id is not None:
             # Nothing decides on a series' last_received_at (the study's times the quiet
             # rule), so it is refreshed once a second, and the expected count when it grows.
-            touched_at, known = self._series_touched.get(series_id, (-1e9, None))
-            fresh = time.monotonic() - touched_at < _SERIES_TOUCH_SECONDS
-            if fresh and (expected is None or (known is not None and expected <= known)):
+            known = self._series_touched.get(series_id, (0.0, None))[1]
+            if not self._series_due(series_id, expected):
                 return series_id
             conn = session.connection()
             touched = self._hot_path(conn).touch_series.execute(

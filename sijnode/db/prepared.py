@@ -64,3 +64,21 @@ class PreparedStatement:
         except self._error as exc:
             raise AuditError(f"audit database write failed: {type(exc).__name__}: {exc}") from exc
         return cursor
+
+
+def run_pipelined(
+    connection: Connection, batch: Sequence[tuple[PreparedStatement, Mapping[str, Any]]]
+) -> list[Any]:
+    """Run ``batch`` in order and return the cursors; in one round trip where the driver
+    has a pipeline mode (psycopg 3 with PostgreSQL), one after the other otherwise."""
+    dbapi = connection.connection.dbapi_connection
+    pipeline = getattr(dbapi, "pipeline", None)
+    if pipeline is None:
+        return [statement.execute(connection, params) for statement, params in batch]
+    errors = tuple({statement._error for statement, _ in batch})
+    try:
+        with pipeline():
+            cursors = [statement.execute(connection, params) for statement, params in batch]
+    except errors as exc:
+        raise AuditError(f"audit database write failed: {type(exc).__name__}: {exc}") from exc
+    return cursors
