@@ -1,11 +1,12 @@
 """Store one received instance durably and record it: the work behind a C-STORE.
 
-The data set arrives in a :class:`StagedFile` (written, hashed and flushed while its
-fragments were on the wire). Order (nothing acknowledged is ever lost): parse the header,
-fsync the file's tail, look for a duplicate, rename the file into place and fsync its
-directory, then commit the instance, its series and study, and the event in one
-transaction. Only when both succeed does the caller answer Success. A late instance for a
-study that was already dispatched reopens it.
+The data set arrives in a :class:`StagedFile` (written and hashed while its fragments were
+on the wire). Order (nothing acknowledged is ever lost): read the header keys while the
+file's final fsync runs, write the instance's rows (a new instance of a known series in
+one round trip; study and series rows for the first instance), wait for the fsync, rename
+the file into place, then fsync its directory while the transaction commits. Only when
+both are done does the caller answer Success. A late instance for a study that was already
+dispatched reopens it; the rows of a duplicate or a conflict take the long way.
 """
 
 from __future__ import annotations
@@ -227,13 +228,14 @@ class Ingestor:
     ) -> IngestResult:
         """Make ``staged`` (a complete data set with file meta) durable and record it.
 
-        The transaction commits only after the file is durable under its final name.
+        The rows commit while the renamed file's directory is fsynced, and this returns
+        only once the file is durable under its final name and the rows are committed.
         Raises InvalidInstanceError, SpoolError (DiskFullError) or AuditError; on any of
         them nothing was acknowledged, the temporary file is gone and the caller must
         answer with a failure status.
         """
         published: str | None = None
-        staged.start_seal()  # hash and fsync run in helpers while the rows are written
+        staged.start_seal()  # the final fsync runs in a helper while the rows are written
         try:
             header = self._read(staged)
             now = received_at or utcnow()
