@@ -74,7 +74,9 @@ def run_pipelined(
     dbapi = connection.connection.dbapi_connection
     pipeline = getattr(dbapi, "pipeline", None)
     if pipeline is None:
-        return [statement.execute(connection, params) for statement, params in batch]
+        # Each result is read at once: on SQLite a SELECT left unread keeps its snapshot,
+        # and a write after it in the same transaction can fail with "database is locked".
+        return [_Fetched(statement.execute(connection, params)) for statement, params in batch]
     errors = tuple({statement._error for statement, _ in batch})
     try:
         with pipeline():
@@ -82,3 +84,18 @@ def run_pipelined(
     except errors as exc:
         raise AuditError(f"audit database write failed: {type(exc).__name__}: {exc}") from exc
     return cursors
+
+
+class _Fetched:
+    """A cursor's rows and row count, read as soon as the statement ran."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.rowcount = cursor.rowcount
+        self._rows = list(cursor.fetchall()) if cursor.description is not None else []
+        cursor.close()
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
