@@ -240,9 +240,10 @@ class Ingestor:
             header = self._read(staged)
             now = received_at or utcnow()
             with self._lock, transaction(self.sessions) as session:
-                self._staged.clear()
-                try:
-                    result = self._record(
+
+                def record(header: InstanceHeader | InstanceKeys) -> IngestResult:
+                    self._staged.clear()
+                    return self._record(
                         session,
                         header,
                         staged.digest,
@@ -252,20 +253,13 @@ class Ingestor:
                         calling_ae_title,
                         now,
                     )
+
+                try:
+                    result = record(header)
                 except _NeedHeader:
                     session.rollback()
-                    self._staged.clear()
                     header = self._header(staged)
-                    result = self._record(
-                        session,
-                        header,
-                        staged.digest,
-                        staged.size,
-                        None,
-                        association_id,
-                        calling_ae_title,
-                        now,
-                    )
+                    result = record(header)
                 staged.seal()  # SpoolError: the transaction rolls back
                 relpath = result.relpath
                 if result.outcome is IngestOutcome.DUPLICATE or self.spool.path(relpath).exists():
