@@ -1,1 +1,1 @@
-"""Record: the audit database schema, migrations, pseudonyms, queries and metrics."""
+"""Record: the audit database schema, engine, migrations, records, pseudonyms."""

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sijnode.audit.render import FileFormat as ExportFormat
+from sijnode.audit.render import OutputFormat as Format
 from sijnode.cli import state
-from sijnode.db.render import FileFormat as ExportFormat
-from sijnode.db.render import OutputFormat as Format
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from sijnode.db.queries import AuditFilter
-    from sijnode.db.validation import ValidationResult
+    from sijnode.audit.queries import AuditFilter
+    from sijnode.audit.validation import ValidationResult
     from sijnode.settings import Settings
 
 
@@ -45,7 +45,7 @@ class Delivery(enum.StrEnum):
 
 
 class GroupByOption(enum.StrEnum):
-    """Grouping of ``audit metrics`` (mirrors :class:`sijnode.db.validation.GroupBy`)."""
+    """Grouping of ``audit metrics`` (mirrors :class:`sijnode.audit.validation.GroupBy`)."""
 
     none = "none"
     site = "site"
@@ -107,7 +107,7 @@ def _session(ctx: typer.Context) -> Iterator[Session]:
 
 
 def _filter(**kwargs: Any) -> AuditFilter:
-    from sijnode.db.queries import AuditFilter, parse_when
+    from sijnode.audit.queries import AuditFilter, parse_when
     from sijnode.db.schema import DeliveryStatus
 
     try:
@@ -136,7 +136,7 @@ def _check_state(value: str | None, allowed: type[enum.Enum], what: str) -> str 
 
 
 def _echo_rows(rows: list[dict[str, Any]], fmt: Format, columns: tuple[str, ...]) -> None:
-    from sijnode.db.render import render
+    from sijnode.audit.render import render
 
     # The table shows the main columns; JSON and CSV carry every column.
     typer.echo(render(rows, fmt.value, columns if fmt is Format.table else None))
@@ -226,7 +226,7 @@ def audit_studies(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """List studies received in a date range, newest first."""
-    from sijnode.db.queries import STUDY_COLUMNS, list_studies
+    from sijnode.audit.queries import STUDY_COLUMNS, list_studies
     from sijnode.db.schema import StudyState
 
     flt = _filter(
@@ -266,7 +266,7 @@ def audit_jobs(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """List jobs created in a date range, newest first."""
-    from sijnode.db.queries import JOB_COLUMNS, list_jobs
+    from sijnode.audit.queries import JOB_COLUMNS, list_jobs
     from sijnode.db.schema import JobState
 
     flt = _filter(
@@ -296,7 +296,7 @@ def audit_timeline(
 
     Every event in between is listed too, with its time and seconds since receipt.
     """
-    from sijnode.db.queries import TIMELINE_COLUMNS, study_timeline
+    from sijnode.audit.queries import TIMELINE_COLUMNS, study_timeline
 
     with _session(ctx) as session:
         rows = study_timeline(session, study_uid)
@@ -322,8 +322,8 @@ def audit_export(
     shadow: ShadowOpt = None,
 ) -> None:
     """Write studies, jobs or predictions (with slice scores) to CSV or JSON."""
-    from sijnode.db.queries import list_jobs, list_predictions, list_studies
-    from sijnode.db.render import render_csv, render_json
+    from sijnode.audit.queries import list_jobs, list_predictions, list_studies
+    from sijnode.audit.render import render_csv, render_json
 
     flt = _filter(
         since=since,
@@ -366,8 +366,8 @@ def audit_summary(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Volumes, p50/p95 latency of each stage, and failures in a date range."""
-    from sijnode.db.queries import summary
-    from sijnode.db.render import render_csv, render_json, render_table
+    from sijnode.audit.queries import summary
+    from sijnode.audit.render import render_csv, render_json, render_table
 
     flt = _filter(
         since=since,
@@ -440,7 +440,7 @@ def _metrics_rows(result: ValidationResult) -> list[dict[str, Any]]:
 
 
 def _echo_metrics_table(result: ValidationResult) -> None:
-    from sijnode.db.render import render_table, text_value
+    from sijnode.audit.render import render_table, text_value
 
     excluded = ", ".join(f"{k} {v}" for k, v in sorted(result.excluded.items()))
     if not result.reports:
@@ -530,8 +530,8 @@ def audit_metrics(
     Accuracy, sensitivity, specificity, PPV, NPV, F1 and ROC AUC, the confusion matrix
     and a calibration table, per group.
     """
-    from sijnode.db.render import render_csv, render_json
-    from sijnode.db.validation import GroupBy, compute_metrics
+    from sijnode.audit.render import render_csv, render_json
+    from sijnode.audit.validation import GroupBy, compute_metrics
 
     flt = _filter(
         since=since,
@@ -572,7 +572,7 @@ def audit_metrics(
     else:
         _echo_metrics_table(result)
     if roc_png is not None or calibration_png is not None:
-        from sijnode.db.plots import write_calibration_png, write_roc_png
+        from sijnode.evaluation.plots import write_calibration_png, write_roc_png
 
         if roc_png is not None:
             write_roc_png(result.cases, result.reports, roc_png)
@@ -594,7 +594,7 @@ def truth_import(
     ] = False,
 ) -> None:
     """Import reference labels from a CSV file: every row, or none if any row is bad."""
-    from sijnode.db.truth import import_truth
+    from sijnode.audit.truth import import_truth
 
     secret = _settings(ctx).database.pseudonym_secret
     with _session(ctx) as session:

@@ -13,8 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sijnode.db import cli as db_cli
-from sijnode.db.queries import (
+from sijnode.audit import cli as audit_cli
+from sijnode.audit.queries import (
     AuditFilter,
     StudyNotFoundError,
     list_jobs,
@@ -221,7 +221,7 @@ def run(scenario: Audit, monkeypatch: pytest.MonkeyPatch):
     def _root() -> None:
         """Test root."""
 
-    db_cli.register(app)
+    audit_cli.register(app)
     runner = CliRunner()
 
     def invoke(*args: str, code: int = 0):

@@ -14,8 +14,12 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 from typer.testing import CliRunner
 
-from sijnode.db import cli as db_cli
-from sijnode.db.metrics import (
+from sijnode.audit import cli as audit_cli
+from sijnode.audit.queries import AuditFilter
+from sijnode.audit.validation import GroupBy, compute_metrics, validation_cases
+from sijnode.db.records import record_prediction
+from sijnode.db.schema import GroundTruth, Job
+from sijnode.evaluation.accuracy import (
     METRIC_NAMES,
     binary_metrics,
     bootstrap_metrics,
@@ -26,10 +30,6 @@ from sijnode.db.metrics import (
     roc_auc,
     roc_curve,
 )
-from sijnode.db.queries import AuditFilter
-from sijnode.db.records import record_prediction
-from sijnode.db.schema import GroundTruth, Job
-from sijnode.db.validation import GroupBy, compute_metrics, validation_cases
 from tests.test_db_data import (
     Audit,
     add_job,
@@ -224,7 +224,7 @@ def test_cli_metrics(audit: Audit, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def _root() -> None:
         """Test root."""
 
-    db_cli.register(app)
+    audit_cli.register(app)
     runner = CliRunner()
 
     def run(*args: str) -> str:

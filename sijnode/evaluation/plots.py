@@ -10,8 +10,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sijnode.db.metrics import MetricsReport, roc_curve
-from sijnode.db.validation import ValidationCase
+from sijnode.audit.validation import ValidationCase
+from sijnode.evaluation.accuracy import MetricsReport, roc_curve
 
 
 def _figure() -> tuple[Figure, Axes]:

@@ -10,9 +10,9 @@ import typer
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from sijnode.db import cli as db_cli
+from sijnode.audit import cli as audit_cli
+from sijnode.audit.truth import TruthFileError, import_truth, parse_label, parse_slice_labels
 from sijnode.db.schema import Event, EventType, GroundTruth
-from sijnode.db.truth import TruthFileError, import_truth, parse_label, parse_slice_labels
 from sijnode.errors import TruthImportError
 from tests.test_db_data import (
     SECRET,
@@ -195,7 +195,7 @@ def test_cli_truth_import(scenario: Audit, tmp_path: Path, monkeypatch: pytest.M
     def _root() -> None:
         """Test root."""
 
-    db_cli.register(app)
+    audit_cli.register(app)
     runner = CliRunner()
     good = _write(tmp_path, "accession,label,reader_id\nACC1001,1,r1\nACC1003,0,r1\n")
     result = runner.invoke(app, ["audit", "truth", "import", str(good)])

@@ -1,7 +1,7 @@
 """Read-only audit queries: study and job lists, a study's timeline, exports, a summary.
 
 Every function takes an open session and returns plain rows (lists of dicts with
-stable keys), which :mod:`sijnode.db.render` prints as a table, JSON or CSV. Times are
+stable keys), which :mod:`sijnode.audit.render` prints as a table, JSON or CSV. Times are
 aware UTC datetimes on both databases.
 """
 

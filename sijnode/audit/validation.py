@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sijnode.db.metrics import MetricsReport, evaluate
-from sijnode.db.queries import RESULT_LEVELS, AuditFilter, studies_select, truth_consensus
+from sijnode.audit.queries import RESULT_LEVELS, AuditFilter, studies_select, truth_consensus
 from sijnode.db.records import as_utc
 from sijnode.db.schema import Job, JobState, Prediction, Series, Study
+from sijnode.evaluation.accuracy import MetricsReport, evaluate
 
 
 class GroupBy(enum.StrEnum):
