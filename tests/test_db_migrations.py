@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, inspect, text
 from typer.testing import CliRunner
 
-from sijnode.audit import cli as db_cli
+from sijnode.db import cli as db_cli
 from sijnode.db.engine import make_engine
 from sijnode.db.migrate import (
     MIGRATIONS_DIR,

@@ -1,4 +1,4 @@
-"""Commands of the db part: ``sijnode db ...`` (migrations) and ``sijnode audit ...``.
+"""Commands of the audit part: ``sijnode audit ...``.
 
 Heavy imports (SQLAlchemy, numpy, matplotlib) happen inside the commands so that
 ``sijnode --help`` stays fast. Every audit command checks that the schema is at the
@@ -53,7 +53,6 @@ class GroupByOption(enum.StrEnum):
     model_version = "model_version"
 
 
-db_app = typer.Typer(help="The audit database: schema migrations.", no_args_is_help=True)
 audit_app = typer.Typer(
     help="Query the audit: studies, jobs, timelines, exports, summary, validation metrics.",
     no_args_is_help=True,
@@ -140,68 +139,6 @@ def _echo_rows(rows: list[dict[str, Any]], fmt: Format, columns: tuple[str, ...]
 
     # The table shows the main columns; JSON and CSV carry every column.
     typer.echo(render(rows, fmt.value, columns if fmt is Format.table else None))
-
-
-# --------------------------------------------------------------------------- sijnode db
-
-
-@db_app.command("upgrade")
-def db_upgrade(
-    ctx: typer.Context,
-    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
-    sql: Annotated[
-        bool, typer.Option("--sql", help="Print the SQL instead of running it (for review).")
-    ] = False,
-) -> None:
-    """Create or migrate the audit database schema to the newest revision."""
-    from sqlalchemy.engine import make_url
-
-    from sijnode.db.engine import make_engine
-    from sijnode.db.migrate import current_revision, upgrade, upgrade_sql
-
-    url = _settings(ctx).database.url
-    shown = make_url(url).render_as_string(hide_password=True)
-    if sql:
-        typer.echo(upgrade_sql(url, revision))
-        return
-    engine = make_engine(url)
-    try:
-        before = current_revision(engine)
-        after = upgrade(engine, revision)
-    finally:
-        engine.dispose()
-    if before == after:
-        typer.echo(f"{shown}: already at revision {after}")
-    else:
-        typer.echo(f"{shown}: upgraded from {before or 'empty'} to {after}")
-
-
-@db_app.command("current")
-def db_current(
-    ctx: typer.Context,
-    check: Annotated[
-        bool, typer.Option("--check", help="Exit 1 if the schema is not at the newest revision.")
-    ] = False,
-) -> None:
-    """Show the schema revision of the audit database and the newest one."""
-    from sqlalchemy.engine import make_url
-
-    from sijnode.db.engine import make_engine
-    from sijnode.db.migrate import schema_status
-
-    url = _settings(ctx).database.url
-    engine = make_engine(url)
-    try:
-        status = schema_status(engine)
-    finally:
-        engine.dispose()
-    shown = make_url(url).render_as_string(hide_password=True)
-    verdict = "up to date" if status.up_to_date else "out of date: run `sijnode db upgrade`"
-    typer.echo(
-        f"{shown}: revision {status.current or 'none (empty)'}, head {status.head}, {verdict}"
-    )
-    if check and not status.up_to_date:
-        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- listings
@@ -608,5 +545,4 @@ def truth_import(
 
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the ``sijnode`` app."""
-    app.add_typer(db_app, name="db")
     app.add_typer(audit_app, name="audit")
