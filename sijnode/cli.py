@@ -1,13 +1,36 @@
 """The ``sijnode`` command line.
 
-Each part of the node registers its own commands; this module only wires them and the
-global ``--config`` option. Heavy imports happen inside the commands, so ``--help`` is fast.
+The root owns the global options (``--config``, ``--version``) and the ``config`` commands;
+every other command belongs to a part of the node, which adds it when the root registers
+the part. Heavy imports happen inside the commands, so ``--help`` is fast.
+
+How a part adds commands (``serve``, ``worker``, ``synth``, ``db``, ``audit`` do it; the
+coming ``models``, ``deliveries``, ``train`` and ``spool`` do the same):
+
+1. The part has a ``cli.py`` with ``register(app: typer.Typer, settings: SettingsLoader)``.
+   It adds its commands to ``app``: one command with ``app.command("name")``, a group with
+   ``app.add_typer(group, name="name")`` on a ``typer.Typer`` it builds inside ``register``.
+2. What a command needs comes in through ``register``'s arguments, never from this module:
+   a part's ``cli.py`` does not import :mod:`sijnode.cli`, so there is no import circle and
+   a part can be tested on a bare ``typer.Typer()``. ``settings`` is a
+   :class:`~sijnode.settings.SettingsLoader`: call ``settings()`` inside the command (not in
+   ``register``) to get the validated settings of this invocation, with the root's
+   ``--config`` applied; ``settings({"node": {"port": 11113}})`` puts command-line
+   overrides on top.
+3. The commands close over ``settings``: define them inside ``register`` (one or two
+   commands, as in ``daemon/cli.py``), or as methods of a small class that ``register``
+   builds with ``settings`` and whose bound methods it adds (many commands sharing helpers,
+   as ``AuditCommands`` in ``audit/cli.py``).
+4. The part's module imports only ``typer`` and light modules at the top; SQLAlchemy, torch,
+   numpy and the like are imported inside the command bodies.
+5. Add the part to :func:`_register_parts` below, and list the command in the README.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -17,9 +40,10 @@ import typer
 from sijnode import __version__
 from sijnode.errors import ConfigurationError, SijnodeError
 from sijnode.settings import (
+    MASK,
     Settings,
-    flatten,
     load_settings,
+    masked_values,
     settings_provenance,
     unknown_env_vars,
 )
@@ -35,24 +59,22 @@ config_app = typer.Typer(help="Show and check settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
-class CliState:
-    """What the global options carry to every subcommand."""
+class Invocation:
+    """The root options of the running ``sijnode`` invocation. The root callback sets
+    them before any command runs; parts see them only through the loader that
+    :func:`_register_parts` hands them."""
 
-    def __init__(self, config_file: Path | None) -> None:
-        self.config_file = config_file
+    def __init__(self) -> None:
+        self.config_file: Path | None = None
 
-    def settings(self, overrides: dict[str, Any] | None = None) -> Settings:
-        """Load the settings with command-line ``overrides`` on top."""
+    def settings(self, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """The :class:`~sijnode.settings.SettingsLoader` passed to every part: the settings
+        of this invocation (its ``--config`` file, the environment, then ``overrides``
+        from the command line on top)."""
         return load_settings(self.config_file, overrides)
 
 
-def state(ctx: typer.Context) -> CliState:
-    """Return the global CLI state of this invocation."""
-    obj = ctx.find_root().obj
-    if not isinstance(obj, CliState):
-        obj = CliState(None)
-        ctx.find_root().obj = obj
-    return obj
+invocation = Invocation()
 
 
 def _version(value: bool) -> None:
@@ -63,7 +85,6 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    ctx: typer.Context,
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML settings file.", envvar="SIJNODE_CONFIG"
     ),
@@ -71,7 +92,7 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    ctx.obj = CliState(config)
+    invocation.config_file = config
 
 
 class OutputFormat(StrEnum):
@@ -83,29 +104,35 @@ class OutputFormat(StrEnum):
 
 @config_app.command("show")
 def config_show(
-    ctx: typer.Context,
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="Output."),
 ) -> None:
-    """Print the effective settings and where each value came from."""
-    settings, origins = settings_provenance(state(ctx).config_file)
-    values = flatten(settings.model_dump(mode="json"))
+    """Print the effective settings and where each value came from (secrets masked)."""
+    settings, origins = settings_provenance(invocation.config_file)
+    values, masked = masked_values(settings)
     if output_format is OutputFormat.json:
-        typer.echo(
-            json.dumps({k: {"value": v, "source": origins[k]} for k, v in values.items()}, indent=2)
-        )
+        shown: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            shown[key] = {"value": value, "source": origins[key]}
+            if key in masked:
+                shown[key]["masked"] = True
+        typer.echo(json.dumps(shown, indent=2))
         return
     width = max(len(k) for k in values)
     for key, value in values.items():
-        typer.echo(f"{key:<{width}}  {json.dumps(value):<40}  [{origins[key]}]")
+        source = f"{origins[key]}, masked" if key in masked else origins[key]
+        typer.echo(f"{key:<{width}}  {json.dumps(value):<40}  [{source}]")
+    typer.echo(
+        f"Secrets are shown as {MASK}: passwords in URLs and the settings marked secret "
+        "(docs/configuration.md); the node uses the real values."
+    )
 
 
 @config_app.command("check")
 def config_check(
-    ctx: typer.Context,
     file: Path | None = typer.Argument(None, help="Settings file (default: --config)."),
 ) -> None:
     """Validate the settings (file, then environment on top); exit 1 naming each bad key."""
-    path = file or state(ctx).config_file
+    path = file or invocation.config_file
     load_settings(path)
     unknown = unknown_env_vars()
     if unknown:
@@ -127,7 +154,7 @@ def _register_parts() -> None:
     from sijnode.workers import cli as workers_cli
 
     for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli):
-        part.register(app)
+        part.register(app, invocation.settings)
 
 
 def main(argv: list[str] | None = None) -> None:

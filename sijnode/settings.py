@@ -16,9 +16,20 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Protocol, get_args, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -171,6 +182,7 @@ class DatabaseSettings(_Section):
     pseudonym_secret: str = Field(
         DEFAULT_PSEUDONYM_SECRET,
         description="Site secret for the HMAC pseudonyms of PatientID and AccessionNumber.",
+        json_schema_extra={"secret": True},
     )
     allow_reidentification: bool = Field(
         False,
@@ -596,3 +608,104 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix.rstrip(".")] = data
     return out
+
+
+class SettingsLoader(Protocol):
+    """What the command-line root passes to each part's ``register`` (see
+    :mod:`sijnode.cli`): call it in a command to get the settings of the invocation,
+    ``overrides`` (nested like the file) from the command line on top."""
+
+    def __call__(self, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """The validated settings."""
+        ...
+
+
+#: What ``config show`` prints instead of a secret.
+MASK = "***"
+
+#: Query parameters of a URL whose values are secrets (libpq ``password``, tokens).
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pwd|sslpassword|secret|token|api_key|apikey)=)[^&#]*",
+    re.IGNORECASE,
+)
+
+
+def is_secret(field: FieldInfo) -> bool:
+    """Whether a setting is a secret: typed ``SecretStr``/``SecretBytes`` or declared with
+    ``json_schema_extra={"secret": True}`` (as ``database.pseudonym_secret``)."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and extra.get("secret") is True:
+        return True
+    types = get_args(field.annotation) or (field.annotation,)
+    return any(isinstance(t, type) and issubclass(t, SecretStr | SecretBytes) for t in types)
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of a URL (``scheme://user:password@host``) and secret
+    query parameters (``?password=...``) replaced by :data:`MASK`; other text unchanged."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    masked = text
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if colon and password:
+            netloc = f"{user}:{MASK}@{host}"
+            masked = masked.replace(f"//{parts.netloc}", f"//{netloc}", 1)
+    return _SECRET_QUERY.sub(lambda m: m.group("key") + MASK, masked)
+
+
+def _mask_tree(model: BaseModel, data: Any, prefix: str, masked: set[str]) -> Any:
+    """Mask ``data`` (``model`` dumped as JSON) in place; add each masked path to ``masked``."""
+    for name, field in type(model).model_fields.items():
+        if not isinstance(data, dict) or name not in data:
+            continue
+        path = f"{prefix}{name}"
+        value = getattr(model, name)
+        if is_secret(field):
+            if data[name] not in (None, ""):
+                data[name] = MASK
+                masked.add(path)
+            continue
+        data[name] = _mask_value(value, data[name], path, masked)
+    return data
+
+
+def _mask_value(value: Any, dumped: Any, path: str, masked: set[str]) -> Any:
+    if isinstance(value, BaseModel):
+        return _mask_tree(value, dumped, f"{path}.", masked)
+    if isinstance(value, Mapping) and isinstance(dumped, dict):
+        for key, item in value.items():
+            if str(key) in dumped:
+                dumped[str(key)] = _mask_value(item, dumped[str(key)], f"{path}.{key}", masked)
+        return dumped
+    if isinstance(value, list | tuple) and isinstance(dumped, list):
+        return [_mask_value(item, dumped[i], f"{path}.{i}", masked) for i, item in enumerate(value)]
+    if isinstance(dumped, str):
+        shown = mask_url(dumped)
+        if shown != dumped:
+            masked.add(path)
+        return shown
+    return dumped
+
+
+def masked_values(settings: Settings) -> tuple[dict[str, Any], set[str]]:
+    """The settings as :func:`flatten` keys, safe to print: every secret setting and every
+    password in a URL (``database.url``, ``broker.url``, ...) replaced by :data:`MASK`.
+
+    Returns the values and the keys that were masked. A masked list item is named by its
+    own key (``destinations.0.url``); a masked list of strings by the list's key.
+    """
+    masked_paths: set[str] = set()
+    data = _mask_tree(settings, settings.model_dump(mode="json"), "", masked_paths)
+    values = flatten(data)
+    masked = {
+        key
+        for key in values
+        if any(key == p or key.startswith(f"{p}.") or p.startswith(f"{key}.") for p in masked_paths)
+    }
+    return values, masked

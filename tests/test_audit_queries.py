@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +15,17 @@ import typer
 from typer.testing import CliRunner
 
 from sijnode.audit import cli as audit_cli
+from sijnode.audit.filters import AuditFilter, parse_when
 from sijnode.audit.queries import (
-    AuditFilter,
     StudyNotFoundError,
     list_jobs,
     list_predictions,
     list_studies,
-    parse_when,
     study_timeline,
     summary,
 )
 from sijnode.db.schema import DeliveryStatus
+from sijnode.settings import load_settings
 from tests.test_db_data import (
     T0,
     Audit,
@@ -221,7 +222,7 @@ def run(scenario: Audit, monkeypatch: pytest.MonkeyPatch):
     def _root() -> None:
         """Test root."""
 
-    audit_cli.register(app)
+    audit_cli.register(app, partial(load_settings, None))
     runner = CliRunner()
 
     def invoke(*args: str, code: int = 0):

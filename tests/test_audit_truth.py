@@ -3,6 +3,7 @@ line and import nothing (one transaction), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from sijnode.audit import cli as audit_cli
 from sijnode.audit.truth import TruthFileError, import_truth, parse_label, parse_slice_labels
 from sijnode.db.schema import Event, EventType, GroundTruth
 from sijnode.errors import TruthImportError
+from sijnode.settings import load_settings
 from tests.test_db_data import (
     SECRET,
     Audit,
@@ -195,7 +197,7 @@ def test_cli_truth_import(scenario: Audit, tmp_path: Path, monkeypatch: pytest.M
     def _root() -> None:
         """Test root."""
 
-    audit_cli.register(app)
+    audit_cli.register(app, partial(load_settings, None))
     runner = CliRunner()
     good = _write(tmp_path, "accession,label,reader_id\nACC1001,1,r1\nACC1003,0,r1\n")
     result = runner.invoke(app, ["audit", "truth", "import", str(good)])

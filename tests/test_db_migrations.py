@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import typer
@@ -27,6 +28,7 @@ from sijnode.db.migrate import (
 )
 from sijnode.db.schema import Base
 from sijnode.errors import SchemaOutOfDateError
+from sijnode.settings import load_settings
 
 ALL_TABLES = set(Base.metadata.tables)
 
@@ -139,7 +141,7 @@ def _app() -> typer.Typer:
     def _root() -> None:
         """Test root."""
 
-    db_cli.register(app)
+    db_cli.register(app, partial(load_settings, None))
     return app
 
 

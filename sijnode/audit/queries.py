@@ -2,21 +2,22 @@
 
 Every function takes an open session and returns plain rows (lists of dicts with
 stable keys), which :mod:`sijnode.audit.render` prints as a table, JSON or CSV. Times are
-aware UTC datetimes on both databases.
+aware UTC datetimes on both databases. :class:`~sijnode.audit.filters.AuditFilter` selects
+the rows; :func:`job_conditions` and :func:`study_conditions` are its SQL.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Select, exists, func, or_, select
 from sqlalchemy.orm import Session
 
+from sijnode.audit.filters import AuditFilter
 from sijnode.db.records import as_utc
 from sijnode.db.schema import (
     Association,
@@ -57,81 +58,30 @@ class StudyNotFoundError(AuditError):
     """No study with the given StudyInstanceUID is in the audit."""
 
 
-def parse_when(text: str | None, *, end: bool = False) -> datetime | None:
-    """Parse ``--since``/``--until``: an ISO 8601 date or date-time, UTC when no offset.
-
-    A bare date means the start of that day; with ``end`` it means the start of the
-    next day, so ``--until 2026-03-31`` includes all of 31 March.
-    """
-    if text is None or not text.strip():
-        return None
-    text = text.strip()
-    try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return start + timedelta(days=1) if end else start
-        return as_utc(datetime.fromisoformat(text))
-    except ValueError as exc:
-        raise ValueError(
-            f"expected an ISO 8601 date (2026-03-31) or date-time (2026-03-31T14:00), got {text!r}"
-        ) from exc
+def job_conditions(flt: AuditFilter) -> list[Any]:
+    """Conditions on :class:`Job` for pipeline, model version, route, shadow, delivery."""
+    conds: list[Any] = []
+    if flt.pipeline is not None:
+        conds.append(Job.pipeline == flt.pipeline)
+    if flt.model_version is not None:
+        conds.append(Job.model_version == flt.model_version)
+    if flt.route is not None:
+        conds.append(Job.route == flt.route)
+    if flt.shadow is not None:
+        conds.append(Job.shadow.is_(flt.shadow))
+    if flt.delivery is not None:
+        conds.append(exists().where(Delivery.job_id == Job.id, Delivery.status == flt.delivery))
+    return conds
 
 
-@dataclass(frozen=True)
-class AuditFilter:
-    """Filters shared by the audit listings; ``None`` means any.
-
-    ``since`` is inclusive and ``until`` exclusive. For studies the time is
-    ``first_received_at``; for jobs ``created_at``. ``state`` is a study state for
-    study lists and a job state for job lists. ``sender`` is the calling AE title.
-    """
-
-    since: datetime | None = None
-    until: datetime | None = None
-    pipeline: str | None = None
-    model_version: str | None = None
-    route: str | None = None
-    state: str | None = None
-    sender: str | None = None
-    site: str | None = None
-    delivery: DeliveryStatus | None = None
-    shadow: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.since is not None and self.until is not None and self.until <= self.since:
-            raise ValueError(
-                f"expected --until after --since, got since={self.since.isoformat()} "
-                f"until={self.until.isoformat()}"
-            )
-        if self.delivery is not None:
-            object.__setattr__(self, "delivery", DeliveryStatus(self.delivery))
-
-    def job_conditions(self) -> list[Any]:
-        """Conditions on :class:`Job` for pipeline, model version, route, shadow, delivery."""
-        conds: list[Any] = []
-        if self.pipeline is not None:
-            conds.append(Job.pipeline == self.pipeline)
-        if self.model_version is not None:
-            conds.append(Job.model_version == self.model_version)
-        if self.route is not None:
-            conds.append(Job.route == self.route)
-        if self.shadow is not None:
-            conds.append(Job.shadow.is_(self.shadow))
-        if self.delivery is not None:
-            conds.append(
-                exists().where(Delivery.job_id == Job.id, Delivery.status == self.delivery)
-            )
-        return conds
-
-    def study_conditions(self) -> list[Any]:
-        """Conditions on :class:`Study` for sender and site."""
-        conds: list[Any] = []
-        if self.sender is not None:
-            conds.append(Study.calling_ae_title == self.sender)
-        if self.site is not None:
-            conds.append(Study.site == self.site)
-        return conds
+def study_conditions(flt: AuditFilter) -> list[Any]:
+    """Conditions on :class:`Study` for sender and site."""
+    conds: list[Any] = []
+    if flt.sender is not None:
+        conds.append(Study.calling_ae_title == flt.sender)
+    if flt.site is not None:
+        conds.append(Study.site == flt.site)
+    return conds
 
 
 def _window(column: Any, flt: AuditFilter) -> list[Any]:
@@ -158,10 +108,10 @@ def _seconds(start: datetime | None, stop: datetime | None) -> float | None:
 
 def studies_select(flt: AuditFilter) -> Select[Study]:
     """Studies matching ``flt``: received in the window, with a matching job if asked."""
-    stmt = select(Study).where(*_window(Study.first_received_at, flt), *flt.study_conditions())
+    stmt = select(Study).where(*_window(Study.first_received_at, flt), *study_conditions(flt))
     if flt.state is not None:
         stmt = stmt.where(Study.state == StudyState(flt.state))
-    job_conds = flt.job_conditions()
+    job_conds = job_conditions(flt)
     if job_conds:
         stmt = stmt.where(exists().where(Job.study_id == Study.id, *job_conds))
     return stmt
@@ -172,7 +122,7 @@ def jobs_select(flt: AuditFilter) -> Select[Job, Study]:
     stmt = (
         select(Job, Study)
         .join(Study, Job.study_id == Study.id)
-        .where(*_window(Job.created_at, flt), *flt.study_conditions(), *flt.job_conditions())
+        .where(*_window(Job.created_at, flt), *study_conditions(flt), *job_conditions(flt))
     )
     if flt.state is not None:
         stmt = stmt.where(Job.state == JobState(flt.state))

@@ -1,5 +1,8 @@
 """Import reference labels (ground truth) from a CSV file, all rows or none.
 
+This module reads and checks the file against the audit (studies by UID or accession
+pseudonym, duplicates); :mod:`sijnode.db.truth` writes the checked labels.
+
 Columns (header names, any order, extra columns ignored):
 
 ``study_instance_uid`` or ``accession``
@@ -26,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sijnode.db.engine import record_event
 from sijnode.db.pseudonyms import accession_pseudonym
-from sijnode.db.schema import EventType, GroundTruth, Study, utcnow
+from sijnode.db.schema import Study
+from sijnode.db.truth import TruthLabel, existing_labels, store_labels
 from sijnode.errors import TruthImportError
 
 UID_COLUMN = "study_instance_uid"
@@ -273,68 +276,31 @@ def import_truth(
     TRUTH_IMPORTED event. Raises :class:`TruthFileError` (nothing written) on bad rows.
     """
     rows = validate_truth_file(session, path, secret)
-    keys = [(r.study_instance_uid, r.reader_id) for r in rows]
-    existing: set[tuple[str, str]] = set()
-    for chunk in _chunks(keys, 2000):
-        existing.update(
-            (u, rd)
-            for u, rd in session.execute(
-                select(GroundTruth.study_instance_uid, GroundTruth.reader_id).where(
-                    tuple_(GroundTruth.study_instance_uid, GroundTruth.reader_id).in_(chunk)
+    existing = existing_labels(session, [(r.study_instance_uid, r.reader_id) for r in rows])
+    if existing and not replace:
+        raise TruthFileError(
+            str(path),
+            [
+                RowProblem(
+                    r.line,
+                    f"duplicate: study {r.study_instance_uid} already has a label from "
+                    + (f"reader {r.reader_id!r}" if r.reader_id else "no reader_id")
+                    + " in the audit (use --replace to replace it)",
                 )
-            )
+                for r in rows
+                if (r.study_instance_uid, r.reader_id) in existing
+            ],
         )
-    replaced = 0
-    if existing:
-        if not replace:
-            raise TruthFileError(
-                str(path),
-                [
-                    RowProblem(
-                        r.line,
-                        f"duplicate: study {r.study_instance_uid} already has a label from "
-                        + (f"reader {r.reader_id!r}" if r.reader_id else "no reader_id")
-                        + " in the audit (use --replace to replace it)",
-                    )
-                    for r in rows
-                    if (r.study_instance_uid, r.reader_id) in existing
-                ],
-            )
-        for chunk in _chunks(sorted(existing), 2000):
-            session.execute(
-                delete(GroundTruth).where(
-                    tuple_(GroundTruth.study_instance_uid, GroundTruth.reader_id).in_(chunk)
-                )
-            )
-        replaced = len(existing)
-    now = utcnow()
-    session.add_all(
-        GroundTruth(
-            study_instance_uid=r.study_instance_uid,
-            label=r.label,
-            reader_id=r.reader_id,
-            source_file=path.name,
-            imported_at=now,
-            slice_labels=r.slice_labels,
-        )
-        for r in rows
+    store_labels(
+        session,
+        [TruthLabel(r.study_instance_uid, r.label, r.reader_id, r.slice_labels) for r in rows],
+        source_file=path.name,
+        replace=existing,
     )
-    readers = sorted({r.reader_id for r in rows})
-    result = TruthImportResult(
+    return TruthImportResult(
         path=str(path),
         rows=len(rows),
         positives=sum(r.label for r in rows),
-        replaced=replaced,
-        readers=readers,
+        replaced=len(existing),
+        readers=sorted({r.reader_id for r in rows}),
     )
-    record_event(
-        session,
-        EventType.TRUTH_IMPORTED,
-        file=path.name,
-        rows=result.rows,
-        positives=result.positives,
-        replaced=replaced,
-        readers=readers,
-    )
-    session.flush()
-    return result

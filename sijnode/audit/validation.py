@@ -4,7 +4,8 @@ The result of a study is the latest prediction at study or subject level of a jo
 was not superseded. When several pipelines or model versions match the filters, the
 latest one wins, except with ``group_by=model_version``, where each model version
 keeps its own latest result. The reference label is one reader's (``reader``) or the
-majority of all readers; studies whose readers tie are left out and counted.
+majority of all readers; studies whose readers tie are left out and counted. The
+statistics themselves are :mod:`sijnode.evaluation`'s.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import enum
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sijnode.audit.queries import RESULT_LEVELS, AuditFilter, studies_select, truth_consensus
+from sijnode.audit.filters import AuditFilter
+from sijnode.audit.queries import RESULT_LEVELS, job_conditions, studies_select, truth_consensus
 from sijnode.db.records import as_utc
 from sijnode.db.schema import Job, JobState, Prediction, Series, Study
-from sijnode.evaluation.accuracy import MetricsReport, evaluate
+from sijnode.evaluation.report import MetricsReport, evaluate
 
 
 class GroupBy(enum.StrEnum):
@@ -84,12 +87,14 @@ def validation_cases(
             Prediction.level.in_(RESULT_LEVELS),
             Job.superseded_by_id.is_(None),
             Job.state != JobState.SUPERSEDED,
-            *AuditFilter(
-                pipeline=flt.pipeline,
-                model_version=flt.model_version,
-                route=flt.route,
-                shadow=flt.shadow,
-            ).job_conditions(),
+            *job_conditions(
+                AuditFilter(
+                    pipeline=flt.pipeline,
+                    model_version=flt.model_version,
+                    route=flt.route,
+                    shadow=flt.shadow,
+                )
+            ),
         )
         .order_by(Prediction.created_at, Prediction.id)
     )
@@ -197,3 +202,30 @@ def compute_metrics(
         for group in sorted(by_group)
     ]
     return ValidationResult(reports=reports, excluded=excluded, group_by=group_by, cases=cases)
+
+
+def write_roc_png(result: ValidationResult, path: Path) -> Path:
+    """The ROC curve of each group, with its AUC and bootstrap interval in the legend."""
+    from sijnode.evaluation.plots import RocSeries
+    from sijnode.evaluation.plots import write_roc_png as write
+
+    series = []
+    for report in result.reports:
+        items = [c for c in result.cases if c.group == report.group]
+        auc = report.metric("roc_auc")
+        series.append(
+            RocSeries(
+                name=report.group,
+                y_true=[c.truth for c in items],
+                scores=[c.probability for c in items],
+                auc_interval=(auc.ci_low, auc.ci_high),
+            )
+        )
+    return write(series, path)
+
+
+def write_calibration_png(result: ValidationResult, path: Path) -> Path:
+    """The reliability diagram of each group."""
+    from sijnode.evaluation.plots import write_calibration_png as write
+
+    return write(result.reports, path)

@@ -4,41 +4,41 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-
-def register(app: typer.Typer) -> None:
-    """Add ``serve`` to the ``sijnode`` app."""
-    app.command("serve")(serve)
+if TYPE_CHECKING:
+    from sijnode.settings import SettingsLoader
 
 
-def serve(
-    ctx: typer.Context,
-    port: int | None = typer.Option(None, "--port", help="Override node.port."),
-    ae_title: str | None = typer.Option(None, "--ae-title", help="Override node.ae_title."),
-    bind_address: str | None = typer.Option(None, "--bind", help="Override node.bind_address."),
-) -> None:
-    """Receive studies over DICOM, assemble, route and dispatch them (runs jobs itself
-    when broker.url is empty)."""
-    from sijnode.cli import state
-    from sijnode.daemon.node import Node
-    from sijnode.logs import configure_logging
+def register(app: typer.Typer, settings: SettingsLoader) -> None:
+    """Add ``serve`` to the ``sijnode`` app; ``settings`` loads this invocation's settings."""
 
-    node_overrides: dict[str, Any] = {
-        k: v
-        for k, v in {"port": port, "ae_title": ae_title, "bind_address": bind_address}.items()
-        if v is not None
-    }
-    settings = state(ctx).settings({"node": node_overrides} if node_overrides else None)
-    configure_logging(settings.logging.level, settings.logging.json_format)
-    node = Node(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    node.start()
-    try:
-        stop.wait()
-    finally:
-        node.stop()
+    @app.command("serve")
+    def serve(
+        port: int | None = typer.Option(None, "--port", help="Override node.port."),
+        ae_title: str | None = typer.Option(None, "--ae-title", help="Override node.ae_title."),
+        bind_address: str | None = typer.Option(None, "--bind", help="Override node.bind_address."),
+    ) -> None:
+        """Receive studies over DICOM, assemble, route and dispatch them (runs jobs itself
+        when broker.url is empty)."""
+        from sijnode.daemon.node import Node
+        from sijnode.logs import configure_logging
+
+        node_overrides: dict[str, Any] = {
+            k: v
+            for k, v in {"port": port, "ae_title": ae_title, "bind_address": bind_address}.items()
+            if v is not None
+        }
+        loaded = settings({"node": node_overrides} if node_overrides else None)
+        configure_logging(loaded.logging.level, loaded.logging.json_format)
+        node = Node(loaded)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        node.start()
+        try:
+            stop.wait()
+        finally:
+            node.stop()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from sijnode.settings import SettingsLoader
     from sijnode.synth.dataset import ModalityChoice
     from sijnode.synth.truth import SynthStudy
 
@@ -22,33 +23,42 @@ class ModalityOption(StrEnum):
     both = "both"
 
 
-def register(app: typer.Typer) -> None:
-    """Add this part's commands to the ``sijnode`` app."""
-    app.command("synth")(synth)
+def register(app: typer.Typer, settings: SettingsLoader) -> None:
+    """Add ``synth`` to the ``sijnode`` app; ``settings`` loads this invocation's settings."""
+
+    @app.command("synth")
+    def synth_command(
+        out: Path = typer.Option(..., "--out", help="New or empty output directory."),
+        modality: ModalityOption = typer.Option(
+            ModalityOption.both, "--modality", help="ct, mr or both (one study of each)."
+        ),
+        subjects: int = typer.Option(4, "--subjects", min=1, max=9999, help="Number of subjects."),
+        positive_fraction: float = typer.Option(
+            0.5, "--positive-fraction", min=0.0, max=1.0, help="Share of sacroiliitis subjects."
+        ),
+        seed: int = typer.Option(0, "--seed", min=0, help="Same seed, same bytes."),
+        slices: int | None = typer.Option(
+            None,
+            "--slices",
+            help="Slices per study (CT 1-300, default 24; MR 4-64, default 20-37 per subject).",
+        ),
+    ) -> None:
+        """Write synthetic SI-joint CT/MR studies with known truth (labels.csv, rois.csv)."""
+        synth(settings().node.uid_root, out, modality, subjects, positive_fraction, seed, slices)
 
 
 def synth(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., "--out", help="New or empty output directory."),
-    modality: ModalityOption = typer.Option(
-        ModalityOption.both, "--modality", help="ct, mr or both (one study of each)."
-    ),
-    subjects: int = typer.Option(4, "--subjects", min=1, max=9999, help="Number of subjects."),
-    positive_fraction: float = typer.Option(
-        0.5, "--positive-fraction", min=0.0, max=1.0, help="Share of sacroiliitis subjects."
-    ),
-    seed: int = typer.Option(0, "--seed", min=0, help="Same seed, same bytes."),
-    slices: int | None = typer.Option(
-        None,
-        "--slices",
-        help="Slices per study (CT 1-300, default 24; MR 4-64, default 20-37 per subject).",
-    ),
+    uid_root: str,
+    out: Path,
+    modality: ModalityOption,
+    subjects: int,
+    positive_fraction: float,
+    seed: int,
+    slices: int | None,
 ) -> None:
-    """Write synthetic SI-joint CT/MR studies with known truth (labels.csv, rois.csv)."""
-    from sijnode.cli import state
+    """Write the synthetic studies and their truth files, listing each study as it is written."""
     from sijnode.synth.dataset import generate_dataset, write_dataset
 
-    uid_root = state(ctx).settings().node.uid_root
     parameters: dict[str, object] = {
         "modality": modality.value,
         "subjects": subjects,
