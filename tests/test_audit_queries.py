@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+import typer.main
 from typer.testing import CliRunner
 
 from sijnode.audit import cli as audit_cli
@@ -313,3 +314,68 @@ def test_cli_summary(run) -> None:
     data = json.loads(run("audit", "summary", "-f", "json", "--sender", "MR_B").stdout)
     volumes = {r["metric"]: r["value"] for r in data["volumes"]}
     assert (volumes["studies"], volumes["associations"]) == (1, 1)
+
+
+def test_listings_share_one_declaration_of_the_filters() -> None:
+    """Every listing takes the filters of audit/options.py, declared once, in one order."""
+    from sijnode.audit.options import FILTER_OPTIONS, filter_options
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    audit_cli.register(app, partial(load_settings, None))
+    audit = typer.main.get_command(app).commands["audit"]  # type: ignore[attr-defined]
+    common = [n for n in FILTER_OPTIONS if n not in ("state", "delivery")]
+    expected = {
+        "studies": ["state", "delivery"],
+        "jobs": ["state", "delivery"],
+        "export": ["delivery"],
+        "summary": [],
+        "metrics": [],
+    }
+    seen: dict[str, tuple[object, ...]] = {}
+    for name, extra in expected.items():
+        params = {p.name: p for p in audit.commands[name].params}
+        filters = [n for n in FILTER_OPTIONS if n in params]
+        assert filters == [n for n in FILTER_OPTIONS if n in common or n in extra], name
+        for option in filters:
+            p = params[option]
+            if option != "state":
+                described = (tuple(p.opts), tuple(p.secondary_opts), p.help, p.default)
+                assert seen.setdefault(option, described) == described, (name, option)
+    assert "Study state" in params_help(audit.commands["studies"], "state")
+    assert "Job state" in params_help(audit.commands["jobs"], "state")
+
+    def no_filter(self: object) -> None:
+        """No ``flt`` parameter."""
+
+    with pytest.raises(TypeError, match="expected a parameter 'flt'"):
+        filter_options()(no_filter)
+
+
+def params_help(command: object, name: str) -> str:
+    return next(p.help for p in command.params if p.name == name)  # type: ignore[attr-defined]
+
+
+def test_cli_filter_errors(run) -> None:
+    bad_state = run("audit", "jobs", "--state", "complete", code=2)
+    assert "expected a job state (queued" in bad_state.output
+    bad_date = run("audit", "summary", "--since", "yesterday", code=2)
+    assert "expected an ISO 8601 date" in bad_date.output
+    reversed_window = run(
+        "audit",
+        "export",
+        "--what",
+        "jobs",
+        "--out",
+        "-",
+        "--since",
+        "2026-03-05",
+        "--until",
+        "2026-03-01",
+        code=2,
+    )
+    assert "expected --until after --since" in reversed_window.output

@@ -6,6 +6,9 @@ later is covered without touching this file.
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 import typer.main
 from typer.testing import CliRunner
 
@@ -117,3 +121,68 @@ def test_help_of_the_installed_command() -> None:
 def test_unknown_command_fails() -> None:
     result = CliRunner().invoke(cli.app, ["no-such-command"])
     assert result.exit_code == 2
+
+
+def test_parts_do_not_import_the_root() -> None:
+    """Each part gets what it needs from ``register(app, settings)``: no import circle."""
+    package = Path(sijnode.__file__).parent
+    parts = sorted(p for p in package.rglob("cli.py") if p != package / "cli.py")
+    assert {p.parent.name for p in parts} >= {"audit", "daemon", "db", "synth", "workers"}
+    for path in parts:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            else:
+                continue
+            assert "sijnode.cli" not in names, f"{path} imports sijnode.cli"
+        register = inspect.signature(importlib.import_module(_module(path)).register)
+        assert list(register.parameters) == ["app", "settings"], path
+
+
+def _module(path: Path) -> str:
+    package = Path(sijnode.__file__).parent
+    return ".".join(("sijnode", *path.relative_to(package).with_suffix("").parts))
+
+
+def test_a_part_runs_on_the_settings_it_is_given(tmp_path: Path) -> None:
+    """A part registered on a bare app reads the settings from the loader it was given."""
+    from sijnode.db import cli as db_cli
+    from sijnode.settings import Settings, load_settings
+
+    url = f"sqlite:///{tmp_path}/given.db"
+    calls: list[object] = []
+
+    def settings(overrides: object = None) -> Settings:
+        calls.append(overrides)
+        return load_settings(None, {"database": {"url": url}})
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    db_cli.register(app, settings)
+    assert calls == []  # nothing is loaded at registration
+    result = CliRunner().invoke(app, ["db", "current"], env={"SIJNODE_DATABASE__URL": "x://"})
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{url}: revision none (empty)")
+    assert calls == [None]
+
+
+def test_config_option_reaches_every_part(tmp_path: Path) -> None:
+    """The root's --config is applied by the loader that the parts call."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite:///{tmp_path}/from-file.db"\n', encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIJNODE_")}
+    result = subprocess.run(
+        [str(SIJNODE), "--config", str(cfg), "db", "current"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"sqlite:///{tmp_path}/from-file.db: revision none")

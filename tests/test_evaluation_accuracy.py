@@ -4,6 +4,8 @@ ties, the bootstrap, reports, mean ± sd over folds and the plots (no database).
 from __future__ import annotations
 
 import math
+import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +14,21 @@ from sklearn.calibration import calibration_curve
 
 from sijnode.evaluation.accuracy import (
     METRIC_NAMES,
+    accuracy_at_threshold,
     binary_metrics,
     calibration_table,
     confusion,
+    labels_at,
     roc_auc,
     roc_curve,
 )
-from sijnode.evaluation.bootstrap import bootstrap_metrics, percentile_interval
+from sijnode.evaluation.bootstrap import (
+    bootstrap_intervals,
+    bootstrap_metrics,
+    percentile_interval,
+)
+from sijnode.evaluation.folds import mean_sd, summarise_folds
+from sijnode.evaluation.plots import RocSeries, write_calibration_png, write_roc_png
 from sijnode.evaluation.report import evaluate
 
 
@@ -135,3 +145,74 @@ def test_percentile_interval() -> None:
     assert all(math.isnan(v) for v in percentile_interval([np.nan], 0.95))
     with pytest.raises(ValueError, match="confidence"):
         percentile_interval(values, 1.5)
+
+
+# --------------------------------------------------------------------------- the API for training
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.62])
+def test_accuracy_at_threshold_matches_sklearn(seed: int, threshold: float) -> None:
+    truth, _, scores = _random(seed, 80, decimals=2)
+    result = accuracy_at_threshold(truth, scores, threshold)
+    predicted = scores >= threshold
+    np.testing.assert_array_equal(labels_at(scores, threshold), predicted)
+    kw = {"zero_division": np.nan}
+    assert result.precision == pytest.approx(skm.precision_score(truth, predicted, **kw))
+    assert result.recall == pytest.approx(skm.recall_score(truth, predicted, **kw))
+    assert result.as_dict() == pytest.approx(_sklearn(truth, predicted, scores), nan_ok=True)
+    assert list(result.as_dict()) == list(METRIC_NAMES)
+    tn, fp, fn, tp = skm.confusion_matrix(truth, predicted, labels=[False, True]).ravel()
+    assert (result.confusion.tp, result.confusion.fp, result.confusion.tn) == (tp, fp, tn)
+    assert result.confusion.fn == fn and result.threshold == threshold
+
+
+def test_bootstrap_intervals_are_the_percentiles_of_the_resamples() -> None:
+    truth, pred, scores = _random(2, 60)
+    intervals = bootstrap_intervals(truth, pred, scores, n_resamples=300, seed=9, confidence=0.9)
+    boot = bootstrap_metrics(truth, pred, scores, n_resamples=300, seed=9)
+    assert list(intervals) == list(METRIC_NAMES)
+    for name, (low, high) in intervals.items():
+        assert (low, high) == percentile_interval(boot[name], 0.9), name
+        assert low <= high
+
+
+def test_mean_sd_over_folds() -> None:
+    folds = [
+        accuracy_at_threshold(*_random(seed, 50, decimals=2)[::2], 0.5).as_dict()
+        for seed in range(5)
+    ]
+    summary = summarise_folds(folds)
+    assert list(summary) == list(METRIC_NAMES)
+    for name, value in summary.items():
+        values = [fold[name] for fold in folds]
+        assert value.n == 5
+        assert value.mean == pytest.approx(statistics.fmean(values)), name
+        assert value.sd == pytest.approx(statistics.stdev(values)), name  # sample sd
+    # The MR paper's layout: percentages with two decimals.
+    assert mean_sd([0.90, 0.94, 0.95]).format(scale=100) == "93.00 ± 2.65"  # sd √7
+    undefined = mean_sd([0.5, math.nan])  # a fold whose metric is undefined is left out
+    assert (undefined.mean, undefined.n) == (0.5, 1) and math.isnan(undefined.sd)
+    assert mean_sd([]).format() == ""
+    assert mean_sd([0.2, 0.4], ddof=0).sd == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="expected 'f1' in every fold"):
+        summarise_folds([{"f1": 0.5}, {"auc": 0.7}])
+    with pytest.raises(ValueError, match="at least one fold"):
+        summarise_folds([])
+
+
+def test_plots_from_plain_data(tmp_path: Path) -> None:
+    truth, pred, scores = _random(4, 40)
+    roc = write_roc_png(
+        [
+            RocSeries("fold 1", truth, scores, (0.6, 0.9)),
+            RocSeries("fold 2", truth[::-1], scores),
+            RocSeries("one class", [True, True], [0.2, 0.9]),  # no curve, no error
+        ],
+        tmp_path / "roc" / "roc.png",
+    )
+    report = evaluate(truth, pred, scores, group="fold 1", n_resamples=50)
+    calibration = write_calibration_png([report], tmp_path / "cal.png")
+    for path in (roc, calibration):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 5000

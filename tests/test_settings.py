@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
@@ -33,11 +33,15 @@ from sijnode.errors import ConfigurationError
 from sijnode.settings import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
+    MASK,
     Settings,
     env_var_name,
     flatten,
+    is_secret,
     key_for_env_var,
     load_settings,
+    mask_url,
+    masked_values,
     settings_provenance,
     unknown_env_vars,
 )
@@ -762,6 +766,108 @@ def test_config_show_rejects_unknown_format() -> None:
     result = run_sijnode("config", "show", "--format", "xml")
     assert result.returncode == 2
     assert "xml" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql+psycopg://sij:pa%40ss:w0rd@db:5432/sij",
+            "postgresql+psycopg://sij:***@db:5432/sij",
+        ),
+        ("redis://:hunter2@redis:6379/0", "redis://:***@redis:6379/0"),
+        (
+            "postgresql+psycopg://sij@db/sij?password=x&sslmode=require",
+            "postgresql+psycopg://sij@db/sij?password=***&sslmode=require",
+        ),
+        ("https://user:token@pacs.example/dicom-web", "https://user:***@pacs.example/dicom-web"),
+        ("postgresql+psycopg://sij@db/sij", "postgresql+psycopg://sij@db/sij"),
+        ("sqlite:///var/sijnode.db", "sqlite:///var/sijnode.db"),
+        ("not a url: a:b@c", "not a url: a:b@c"),
+    ],
+)
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def _every_field(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key, field
+        item = _model(field.annotation) or _table_list_item(field.annotation)
+        item = item or _table_dict_item(field.annotation)
+        if item is not None:
+            yield from _every_field(item, f"{key}.")
+
+
+def test_every_secret_looking_setting_is_marked_secret() -> None:
+    """A new password, passphrase or token setting must be masked by ``config show``: mark
+    it ``json_schema_extra={"secret": True}`` or type it ``SecretStr``."""
+    looks_secret = re.compile(r"secret|password|passphrase|token|api_key|credential", re.I)
+    fields = dict(_every_field())
+    assert is_secret(fields["database.pseudonym_secret"])
+    for key, field in fields.items():
+        if looks_secret.search(key.rsplit(".", 1)[-1]):
+            assert is_secret(field), f"{key} looks like a secret but is not marked secret"
+    assert not is_secret(fields["node.tls.key_file"])  # a path, not a secret
+
+    class WithSecret(BaseModel):
+        passphrase: SecretStr | None = None
+        plain: str = ""
+
+    assert is_secret(WithSecret.model_fields["passphrase"])
+    assert not is_secret(WithSecret.model_fields["plain"])
+
+
+def test_masked_values() -> None:
+    settings = load_settings(
+        None,
+        {
+            "database": {
+                "url": "postgresql+psycopg://sij:s3cret-pw@db:5432/sij",
+                "pseudonym_secret": "site-hmac-key",
+            },
+            "broker": {"url": "redis://:redis-pw@redis:6379/0"},
+        },
+    )
+    values, masked = masked_values(settings)
+    assert masked == {"database.url", "database.pseudonym_secret", "broker.url"}
+    assert values["database.url"] == "postgresql+psycopg://sij:***@db:5432/sij"
+    assert values["database.pseudonym_secret"] == MASK
+    assert values["broker.url"] == "redis://:***@redis:6379/0"
+    unmasked = flatten(settings.model_dump(mode="json"))
+    assert set(values) == set(unmasked)
+    assert {k: v for k, v in values.items() if k not in masked} == {
+        k: v for k, v in unmasked.items() if k not in masked
+    }
+    assert settings.database.pseudonym_secret == "site-hmac-key"  # the values in use stay
+
+
+def test_config_show_masks_secrets() -> None:
+    env = {
+        "SIJNODE_DATABASE__URL": "postgresql+psycopg://sij:s3cret-pw@db:5432/sij",
+        "SIJNODE_DATABASE__PSEUDONYM_SECRET": "site-hmac-key",
+        "SIJNODE_BROKER__URL": "redis://:redis-pw@redis:6379/0",
+    }
+    table = run_sijnode("config", "show", env=env)
+    shown = run_sijnode("config", "show", "--format", "json", env=env)
+    for result in (table, shown):
+        assert result.returncode == 0, result.stderr
+        for secret in ("s3cret-pw", "site-hmac-key", "redis-pw"):
+            assert secret not in result.stdout + result.stderr
+    lines = {ln.split()[0]: ln for ln in table.stdout.splitlines() if ln.strip()}
+    assert '"postgresql+psycopg://sij:***@db:5432/sij"' in lines["database.url"]
+    assert lines["database.pseudonym_secret"].split()[1:] == ['"***"', "[environment,", "masked]"]
+    assert lines["node.port"].split()[1:] == ["11112", "[default]"]
+    assert table.stdout.rstrip().splitlines()[-1].startswith("Secrets are shown as ***")
+    data = json.loads(shown.stdout)
+    assert data["database.pseudonym_secret"] == {
+        "value": "***",
+        "source": "environment",
+        "masked": True,
+    }
+    assert data["broker.url"]["value"] == "redis://:***@redis:6379/0"
+    assert "masked" not in data["node.port"]
 
 
 def test_config_check_valid(tmp_path: Path) -> None:
