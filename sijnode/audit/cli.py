@@ -24,7 +24,6 @@ from sijnode.audit.render import OutputFormat as Format
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from sijnode.audit.validation import ValidationResult
     from sijnode.settings import SettingsLoader
 
 
@@ -72,102 +71,6 @@ def _echo_rows(rows: list[dict[str, Any]], fmt: Format, columns: tuple[str, ...]
 
     # The table shows the main columns; JSON and CSV carry every column.
     typer.echo(render(rows, fmt.value, columns if fmt is Format.table else None))
-
-
-def _metrics_rows(result: ValidationResult) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for r in result.reports:
-        for name, value in (
-            ("n", r.n),
-            ("positives", r.positives),
-            ("negatives", r.negatives),
-            ("tp", r.confusion.tp),
-            ("fp", r.confusion.fp),
-            ("tn", r.confusion.tn),
-            ("fn", r.confusion.fn),
-            ("brier", r.brier),
-        ):
-            rows.append({"group": r.group, "section": "count", "name": name, "value": value})
-        for m in r.metrics:
-            rows.append(
-                {
-                    "group": r.group,
-                    "section": "metric",
-                    "name": m.name,
-                    "value": m.estimate,
-                    "ci_low": m.ci_low,
-                    "ci_high": m.ci_high,
-                }
-            )
-        for b in r.calibration:
-            rows.append(
-                {
-                    "group": r.group,
-                    "section": "calibration",
-                    "name": f"{b.lower:.2f}-{b.upper:.2f}",
-                    "count": b.count,
-                    "mean_predicted": b.mean_predicted,
-                    "observed_fraction": b.observed_fraction,
-                }
-            )
-    return rows
-
-
-def _echo_metrics_table(result: ValidationResult) -> None:
-    from sijnode.audit.render import render_table, text_value
-
-    excluded = ", ".join(f"{k} {v}" for k, v in sorted(result.excluded.items()))
-    if not result.reports:
-        typer.echo("no studies with both a result and a reference label match the filters")
-    for r in result.reports:
-        pct = f"{round(100 * r.confidence)}%"
-        typer.echo(
-            f"group {r.group}: n={r.n} (truth positive {r.positives}, negative {r.negatives}); "
-            f"{pct} CI: percentile bootstrap, {r.n_resamples} resamples, seed {r.seed}"
-        )
-        typer.echo(
-            render_table(
-                [
-                    {
-                        "metric": m.name,
-                        "estimate": m.estimate,
-                        f"{pct} CI": (
-                            ""
-                            if m.ci_low != m.ci_low
-                            else f"{text_value(m.ci_low)} – {text_value(m.ci_high)}"
-                        ),
-                    }
-                    for m in r.metrics
-                ]
-            )
-        )
-        c = r.confusion
-        typer.echo("")
-        typer.echo(
-            render_table(
-                [
-                    {"": "predicted positive", "truth positive": c.tp, "truth negative": c.fp},
-                    {"": "predicted negative", "truth positive": c.fn, "truth negative": c.tn},
-                ]
-            )
-        )
-        typer.echo(f"\nCalibration (Brier score {text_value(r.brier)})")
-        typer.echo(
-            render_table(
-                [
-                    {
-                        "bin": f"{b.lower:.1f}–{b.upper:.1f}",
-                        "count": b.count,
-                        "mean_predicted": b.mean_predicted,
-                        "observed_fraction": b.observed_fraction,
-                    }
-                    for b in r.calibration
-                ]
-            )
-        )
-        typer.echo("")
-    if excluded:
-        typer.echo(f"left out: {excluded}")
 
 
 class AuditCommands:
@@ -313,7 +216,7 @@ class AuditCommands:
         Accuracy, sensitivity, specificity, PPV, NPV, F1 and ROC AUC, the confusion matrix
         and a calibration table, per group.
         """
-        from sijnode.audit.render import render_csv, render_json
+        from sijnode.audit.render import metrics_rows, metrics_table, render_csv, render_json
         from sijnode.audit.validation import GroupBy, compute_metrics
 
         with self._session() as session:
@@ -341,9 +244,9 @@ class AuditCommands:
                 "mean_predicted",
                 "observed_fraction",
             )
-            typer.echo(render_csv(_metrics_rows(result), cols).rstrip("\n"))
+            typer.echo(render_csv(metrics_rows(result), cols).rstrip("\n"))
         else:
-            _echo_metrics_table(result)
+            typer.echo(metrics_table(result))
         if roc_png is not None or calibration_png is not None:
             from sijnode.audit.validation import write_calibration_png, write_roc_png
 

@@ -13,7 +13,10 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sijnode.audit.validation import ValidationResult
 
 
 class OutputFormat(enum.StrEnum):
@@ -130,3 +133,102 @@ def render(
     if fmt is OutputFormat.csv:
         return render_csv(rows, columns).rstrip("\n")
     return render_table(rows, columns)
+
+
+def metrics_rows(result: ValidationResult) -> list[dict[str, Any]]:
+    """``audit metrics --format csv``: one row per count, metric and calibration bin."""
+    rows: list[dict[str, Any]] = []
+    for r in result.reports:
+        for name, value in (
+            ("n", r.n),
+            ("positives", r.positives),
+            ("negatives", r.negatives),
+            ("tp", r.confusion.tp),
+            ("fp", r.confusion.fp),
+            ("tn", r.confusion.tn),
+            ("fn", r.confusion.fn),
+            ("brier", r.brier),
+        ):
+            rows.append({"group": r.group, "section": "count", "name": name, "value": value})
+        for m in r.metrics:
+            rows.append(
+                {
+                    "group": r.group,
+                    "section": "metric",
+                    "name": m.name,
+                    "value": m.estimate,
+                    "ci_low": m.ci_low,
+                    "ci_high": m.ci_high,
+                }
+            )
+        for b in r.calibration:
+            rows.append(
+                {
+                    "group": r.group,
+                    "section": "calibration",
+                    "name": f"{b.lower:.2f}-{b.upper:.2f}",
+                    "count": b.count,
+                    "mean_predicted": b.mean_predicted,
+                    "observed_fraction": b.observed_fraction,
+                }
+            )
+    return rows
+
+
+def metrics_table(result: ValidationResult) -> str:
+    """``audit metrics`` for people: per group the metrics with their intervals, the
+    confusion matrix and the calibration table."""
+    lines: list[str] = []
+    excluded = ", ".join(f"{k} {v}" for k, v in sorted(result.excluded.items()))
+    if not result.reports:
+        lines.append("no studies with both a result and a reference label match the filters")
+    for r in result.reports:
+        pct = f"{round(100 * r.confidence)}%"
+        lines.append(
+            f"group {r.group}: n={r.n} (truth positive {r.positives}, negative {r.negatives}); "
+            f"{pct} CI: percentile bootstrap, {r.n_resamples} resamples, seed {r.seed}"
+        )
+        lines.append(
+            render_table(
+                [
+                    {
+                        "metric": m.name,
+                        "estimate": m.estimate,
+                        f"{pct} CI": (
+                            ""
+                            if m.ci_low != m.ci_low
+                            else f"{text_value(m.ci_low)} – {text_value(m.ci_high)}"
+                        ),
+                    }
+                    for m in r.metrics
+                ]
+            )
+        )
+        c = r.confusion
+        lines.append("")
+        lines.append(
+            render_table(
+                [
+                    {"": "predicted positive", "truth positive": c.tp, "truth negative": c.fp},
+                    {"": "predicted negative", "truth positive": c.fn, "truth negative": c.tn},
+                ]
+            )
+        )
+        lines.append(f"\nCalibration (Brier score {text_value(r.brier)})")
+        lines.append(
+            render_table(
+                [
+                    {
+                        "bin": f"{b.lower:.1f}–{b.upper:.1f}",
+                        "count": b.count,
+                        "mean_predicted": b.mean_predicted,
+                        "observed_fraction": b.observed_fraction,
+                    }
+                    for b in r.calibration
+                ]
+            )
+        )
+        lines.append("")
+    if excluded:
+        lines.append(f"left out: {excluded}")
+    return "\n".join(lines)
