@@ -24,6 +24,28 @@ coming ``models``, ``deliveries``, ``train`` and ``spool`` do the same):
 4. The part's module imports only ``typer`` and light modules at the top; SQLAlchemy, torch,
    numpy and the like are imported inside the command bodies.
 5. Add the part to :func:`_register_parts` below, and list the command in the README.
+
+For example (a group with one command; the names are made up)::
+
+    if TYPE_CHECKING:
+        from sijnode.settings import SettingsLoader
+
+    def register(app: typer.Typer, settings: SettingsLoader) -> None:
+        # Add `sijnode spool` to the `sijnode` app.
+        spool = typer.Typer(help="The spool of received instances.", no_args_is_help=True)
+        app.add_typer(spool, name="spool")
+
+        @spool.command("usage")
+        def usage() -> None:
+            # The docstring here is the command's help: "Print the spool's free space."
+            import shutil
+
+            spool_dir = settings().storage.spool_dir
+            typer.echo(f"{spool_dir}: {shutil.disk_usage(spool_dir).free} bytes free")
+
+A test registers the part on a bare app with its own loader, e.g.
+``register(app, functools.partial(load_settings, None))`` or a function that returns
+prepared settings (``tests/test_cli.py``).
 """
 
 from __future__ import annotations
