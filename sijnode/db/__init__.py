@@ -1,1 +1,3 @@
-"""Record: the audit database schema, engine, migrations, records, pseudonyms."""
+"""Record: the audit database schema, engine, migrations, the write functions (records,
+prepared statements), pseudonyms, re-identification and the storage of reference labels.
+Reading and reporting the audit is :mod:`sijnode.audit`; statistics :mod:`sijnode.evaluation`."""
