@@ -32,7 +32,8 @@ from sijnode.daemon.header import InstanceHeader, read_header
 from sijnode.daemon.keys import InstanceKeys, read_keys
 from sijnode.daemon.spool import Spool, content_hash
 from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
-from sijnode.db.engine import record_event, transaction
+from sijnode.db.engine import transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.prepared import PreparedStatement, run_pipelined
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
 from sijnode.db.reid import remember_identifiers
@@ -611,32 +612,19 @@ class Ingestor:
                 accession_pseudonym=accession_pseudonym(header.accession_number, self.secret),
                 study_date=header.study_date,
                 site=self.site,
-                state=StudyState.RECEIVING,
                 first_received_at=now,
                 last_received_at=now,
                 calling_ae_title=calling_ae_title,
             )
             session.add(study)
-            session.flush()
+            transition(session, study, StudyState.RECEIVING, at=now)
             # off by default: writes nothing unless database.allow_reidentification is on
             remember_identifiers(session, self.audit, header.patient_id, header.accession_number)
             return study
         if study.state != StudyState.RECEIVING:
             # A late instance: the study is assembled again and re-run after the quiet
             # period; the new job supersedes the earlier one (LANDSCAPE.md, lead 1).
-            previous = study.state
-            study.state = StudyState.RECEIVING
-            study.generation += 1
-            study.completed_at = None
-            study.completion_reason = None
-            study.ignored_reason = None
-            record_event(
-                session,
-                EventType.STUDY_REOPENED,
-                study_id=study.id,
-                previous_state=previous.value,
-                generation=study.generation,
-            )
+            transition(session, study, StudyState.RECEIVING, "late instance", at=now)
         study.last_received_at = now
         return study
 

@@ -12,14 +12,15 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import transaction
-from sijnode.db.records import TERMINAL_JOB_STATES, set_job_state
+from sijnode.db.instances import check_job_inputs
+from sijnode.db.lifecycle import TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState
-from sijnode.errors import SijnodeError
+from sijnode.errors import MixedInputsError, SijnodeError, TransitionError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
@@ -38,11 +39,17 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     runners: dict[str, PipelineRunner]
     models: ModelIdentities
-    hostname: str = socket.gethostname()
+    #: Recorded on every job this worker claims; looked up when the context is built.
+    hostname: str = field(default_factory=socket.gethostname)
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
-    """Run job ``job_id`` once; return the state it ends in."""
+    """Run job ``job_id`` once; return the state it ends in.
+
+    Before anything runs, the job's inputs are checked to come from its own study and
+    one patient pseudonym (:func:`~sijnode.db.instances.check_job_inputs`); a job that
+    fails the check is failed with the reason, and no pipeline sees its files.
+    """
     with transaction(ctx.sessions) as session:
         # Row lock (PostgreSQL): a job delivered to two workers keeps a consistent claim.
         job = session.get(Job, job_id, with_for_update=True)
@@ -54,7 +61,13 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         pipeline = job.pipeline
         job.worker_host = ctx.hostname
         job.attempts = (job.attempts or 0) + 1
-        set_job_state(session, job, JobState.RUNNING, f"attempt {job.attempts}")
+        transition(session, job, JobState.RUNNING, f"attempt {job.attempts}")
+        try:
+            check_job_inputs(session, job)
+        except MixedInputsError as exc:
+            transition(session, job, JobState.FAILED, str(exc))
+            log.error("job refused: mixed inputs", extra=fields(job_id=job_id, error=str(exc)))
+            return JobState.FAILED
     started = time.perf_counter()
     runner = ctx.runners.get(pipeline)
     try:
@@ -69,24 +82,35 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
             else f"pipeline {pipeline!r} has no implementation in this worker"
         )
     if identity is None or runner is None:
-        with transaction(ctx.sessions) as session:
-            job = session.get_one(Job, job_id)
-            set_job_state(session, job, JobState.NO_MODEL, reason)
+        final = _finish(ctx, job_id, JobState.NO_MODEL, reason)
         log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
-        return JobState.NO_MODEL
+        return final
     with transaction(ctx.sessions) as session:
         job = session.get_one(Job, job_id)
     try:
         final = runner(ctx, job, identity)
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
-        with transaction(ctx.sessions) as session:
-            job = session.get_one(Job, job_id)
-            set_job_state(session, job, JobState.FAILED, str(exc))
+        final = _finish(ctx, job_id, JobState.FAILED, str(exc))
         log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
-        return JobState.FAILED
+        return final
     log.info(
         "job finished",
         extra=fields(job_id=job_id, state=final.value, seconds=time.perf_counter() - started),
     )
     return final
+
+
+def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str) -> JobState:
+    """Move the job to ``state`` unless it moved on meanwhile (superseded while running):
+    then it keeps that state, which is returned."""
+    with transaction(ctx.sessions) as session:
+        job = session.get_one(Job, job_id, with_for_update=True)
+        try:
+            transition(session, job, state, reason)
+        except TransitionError as exc:
+            log.warning(
+                "job moved on while it ran; its state is kept",
+                extra=fields(job_id=job_id, state=job.state.value, error=str(exc)),
+            )
+        return JobState(job.state)
