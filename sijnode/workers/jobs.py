@@ -1,10 +1,11 @@
 """The job task body, shared by the Celery task and the embedded worker.
 
-Idempotent: a job that already reached a terminal state, or was superseded, is left as
-it is, so a re-delivered message (``acks_late``, recovery) does no harm. A pipeline with
-no model configured puts the job in the ``no_model`` state: it is kept, not dropped, and
-``sijnode serve`` sends it again at start-up once a model is configured.
-"""
+Idempotent: a job that already reached a terminal state, was superseded, or is past its
+run (inferred, reported) is left as it is, so a re-delivered message (``acks_late``,
+recovery) does no harm. A pipeline with no model configured puts the job in the
+``no_model`` state: it is kept, not dropped, and ``sijnode serve`` sends it again at
+start-up once a model is configured. States change only through
+:func:`sijnode.db.lifecycle.transition`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import transaction
 from sijnode.db.instances import check_job_inputs
-from sijnode.db.lifecycle import TERMINAL_JOB_STATES, transition
+from sijnode.db.lifecycle import JOB, TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState
 from sijnode.errors import MixedInputsError, SijnodeError, TransitionError
 from sijnode.logs import fields
@@ -40,7 +41,7 @@ class WorkerContext:
     runners: dict[str, PipelineRunner]
     models: ModelIdentities
     #: Recorded on every job this worker claims; looked up when the context is built.
-    hostname: str = field(default_factory=socket.gethostname)
+    hostname: str = field(default_factory=lambda: socket.gethostname())
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
@@ -55,8 +56,10 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
-        if job.state in TERMINAL_JOB_STATES:
-            log.info("job already finished", extra=fields(job_id=job_id, state=job.state.value))
+        if job.state in TERMINAL_JOB_STATES or JobState.RUNNING not in JOB.allowed(job.state):
+            # finished, or past its run (inferred, reported): a re-delivered message
+            # leaves it as it is
+            log.info("job already run", extra=fields(job_id=job_id, state=job.state.value))
             return job.state
         pipeline = job.pipeline
         job.worker_host = ctx.hostname
