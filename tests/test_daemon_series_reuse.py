@@ -208,3 +208,31 @@ def test_worker_refuses_inputs_of_two_studies(sqlite_url: str, tmp_path: Path) -
             .order_by(JobTransition.id.desc())
         ).first()
         assert last is not None and last.state is JobState.FAILED and last.detail == job.error
+
+
+def test_a_sop_instance_uid_under_another_study_is_a_conflict(tmp_path: Path) -> None:
+    """Not a duplicate: both copies kept, each in its own study, and flagged."""
+    series_a = make_series("sop-a", STUDY_A, 1, 2)
+    series_b = make_series("sop-b", STUDY_B, 1, 2)
+    series_b[0].SOPInstanceUID = series_a[0].SOPInstanceUID
+    series_b[0].file_meta.MediaStorageSOPInstanceUID = series_a[0].SOPInstanceUID
+    uid = str(series_a[0].SOPInstanceUID)
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(series_a, node.scp.port) == [SUCCESS] * 2
+        assert send(series_b, node.scp.port) == [SUCCESS] * 2
+        study_a, study_b = _study(node, STUDY_A), _study(node, STUDY_B)
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).all()
+            assert sorted(r.study_id for r in rows) == [study_a.id, study_b.id]
+            assert all(r.conflict for r in rows)
+            (event,) = s.scalars(
+                select(Event).where(Event.type == EventType.INSTANCE_CONFLICT)
+            ).all()
+            assert event.study_id == study_b.id
+            assert event.detail["other_studies"] == [study_a.id]
+            assert count(node, Event, Event.type == EventType.INSTANCE_DUPLICATE) == 0
+        wait_for(lambda: len(_jobs_of(node, STUDY_A)) == len(_jobs_of(node, STUDY_B)) == 1)
+        for uid_of_study in (STUDY_A, STUDY_B):
+            (job,) = _jobs_of(node, uid_of_study)
+            assert len(job.spool_paths) == 2
+            assert _studies_of_paths(node, job.spool_paths) == {uid_of_study}

@@ -131,7 +131,15 @@ class Dispatcher:
         duplicates: list[int] = []
         refused: list[int] = []
         with transaction(self.sessions) as session:
-            study = session.get_one(Study, study_id)
+            # Locked (PostgreSQL): a late instance that reopens the study waits for this.
+            study = session.get_one(Study, study_id, with_for_update=True)
+            if study.state is not StudyState.COMPLETE:
+                # reopened by a late instance since it was judged complete: judged again
+                log.info(
+                    "study no longer complete: not dispatched",
+                    extra=fields(study_id=study_id, state=study.state.value),
+                )
+                return DispatchResult([], [])
             series = _series_facts(session, study_id)
             matches, reasons = route_study(self.settings.routes, [f for _, f in series.values()])
             if not matches:

@@ -568,7 +568,9 @@ class InstanceRecorder:
     ) -> Study:
         """Get or create the study row; a late instance reopens a study that was judged."""
         study = session.scalars(
-            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+            select(Study)
+            .where(Study.study_instance_uid == header.study_instance_uid)
+            .with_for_update()  # PostgreSQL: the state read is the one the move starts from
         ).first()
         if study is None:
             if not isinstance(header, InstanceHeaderLike):
