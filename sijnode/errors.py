@@ -47,3 +47,12 @@ class DispatchError(SijnodeError):
 
 class NoModelError(SijnodeError):
     """No model is configured for the pipeline a job needs."""
+
+
+class TransitionError(SijnodeError):
+    """A study or job was asked to move to a state its lifecycle does not allow from where
+    it is (:mod:`sijnode.db.lifecycle`)."""
+
+
+class MixedInputsError(SijnodeError):
+    """A job's instances do not all come from one study and one patient pseudonym."""

@@ -6,11 +6,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from sijnode.daemon.completion import SeriesContent, series_content
 from sijnode.daemon.scp import SUCCESS
-from sijnode.db.schema import Study, utcnow
+from sijnode.db.engine import transaction
+from sijnode.db.lifecycle import transition
+from sijnode.db.schema import Job, Study, StudyState, utcnow
 from tests.nodes import node_settings, running_node, send
 from tests.studies import make_series
 
@@ -86,3 +88,29 @@ def test_content_completes_before_the_quiet_timer(tmp_path: Path) -> None:
         assert node.check_studies(now=utcnow() + timedelta(seconds=2)) == []
         assert len(node.check_studies(now=utcnow() + timedelta(seconds=6))) == 1
         assert _reason(node, uid) == "content"
+
+
+def test_a_study_reopened_before_dispatch_is_not_dispatched(tmp_path: Path) -> None:
+    """A late instance between completion and dispatch: the study is judged again."""
+    settings = node_settings(tmp_path, completion={"check_interval_seconds": 3600})
+    uid = "1.2.826.0.1.3680043.8.498.79"
+    series = make_series("race", uid, 1, 3)
+    with running_node(settings) as node:
+        assert send(series[:2], node.scp.port) == [SUCCESS] * 2
+        with transaction(node.sessions) as s:
+            study = s.scalars(select(Study)).one()
+            transition(s, study, StudyState.COMPLETE, "content")
+        assert send(series[2:], node.scp.port) == [SUCCESS]  # reopens it
+        with node.sessions() as s:
+            study = s.scalars(select(Study)).one()
+        assert (study.state, study.generation) == (StudyState.RECEIVING, 2)
+        result = node.dispatcher.dispatch_study(study.id)
+        assert (result.created, result.duplicates) == ([], [])
+        with node.sessions() as s:
+            assert s.scalars(select(Study)).one().state is StudyState.RECEIVING
+            assert s.scalar(select(func.count()).select_from(Job)) == 0
+        assert len(node.check_studies(now=utcnow() + timedelta(seconds=10))) == 1
+        with node.sessions() as s:
+            assert s.scalars(select(Study)).one().state is StudyState.DISPATCHED
+            (job,) = s.scalars(select(Job)).all()
+        assert len(job.spool_paths) == 3 and job.study_generation == 2

@@ -370,6 +370,7 @@ def fill_validation(
                 level="subject",
                 at=at(60 * i + 55),
             )
+            set_job_state(s, job, JobState.RUNNING, at=at(60 * i + 51))
             set_job_state(s, job, JobState.INFERRED, at=at(60 * i + 55))
             s.add(GroundTruth(study_instance_uid=uid, label=bool(truth[i]), reader_id="r1"))
     return {"truth": truth, "prob": prob, "pred": prob >= 0.5, "site": site, "version": version}

@@ -11,13 +11,16 @@ import pytest
 import typer
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Integer, MetaData, inspect, text
+from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
 from sijnode.db import cli as db_cli
 from sijnode.db.engine import make_engine
 from sijnode.db.migrate import (
     MIGRATIONS_DIR,
+    alembic_config,
     check_schema_current,
     current_revision,
     downgrade,
@@ -45,11 +48,20 @@ def _diffs(url: str, metadata: MetaData = Base.metadata) -> list[object]:
         engine.dispose()
 
 
-def test_head_is_the_initial_revision_and_scripts_are_packaged() -> None:
-    assert head_revision() == "0001"
+#: The head of the chain on this branch; later revisions append to it (0003, 0004).
+HEAD = head_revision()
+
+
+def test_chain_is_linear_and_scripts_are_packaged() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    chain = [s.revision for s in reversed(list(script.walk_revisions()))]
+    assert chain[:2] == ["0001", "0002"]
+    assert chain == [f"{i:04d}" for i in range(1, len(chain) + 1)]
+    assert chain[-1] == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
+    assert (MIGRATIONS_DIR / "versions" / "0002_series_by_study.py").is_file()
 
 
 def test_upgrade_from_empty_to_head(db_url: str) -> None:
@@ -60,13 +72,13 @@ def test_upgrade_from_empty_to_head(db_url: str) -> None:
             check_schema_current(engine)
         assert "empty database" in str(info.value)
 
-        assert upgrade(db_url) == "0001"
-        assert current_revision(engine) == "0001"
-        assert check_schema_current(engine) == "0001"
+        assert upgrade(db_url) == HEAD
+        assert current_revision(engine) == HEAD
+        assert check_schema_current(engine) == HEAD
         assert schema_status(engine).up_to_date
         tables = set(inspect(engine).get_table_names())
         assert ALL_TABLES | {"alembic_version"} == tables
-        assert upgrade(db_url) == "0001"  # idempotent
+        assert upgrade(db_url) == HEAD  # idempotent
     finally:
         engine.dispose()
 
@@ -155,13 +167,13 @@ def test_cli_db_upgrade_and_current(db_url: str, monkeypatch: pytest.MonkeyPatch
 
     result = runner.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert "upgraded from empty to 0001" in result.output
+    assert f"upgraded from empty to {HEAD}" in result.output
     result = runner.invoke(app, ["db", "upgrade"])
-    assert "already at revision 0001" in result.output
+    assert f"already at revision {HEAD}" in result.output
 
     result = runner.invoke(app, ["db", "current", "--check"])
     assert result.exit_code == 0
-    assert "revision 0001, head 0001, up to date" in result.output
+    assert f"revision {HEAD}, head {HEAD}, up to date" in result.output
 
 
 def test_audit_command_on_old_schema_tells_to_upgrade(tmp_path: object) -> None:
@@ -177,3 +189,85 @@ def test_audit_command_on_old_schema_tells_to_upgrade(tmp_path: object) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "error: audit database" in proc.stderr
     assert "run `sijnode db upgrade`" in proc.stderr
+
+
+def _series_rows(url: str) -> None:
+    """At revision 0001: a study, a series and an instance that references it."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "insert into studies (id, study_instance_uid, site, state, generation, "
+                    "first_received_at, last_received_at) "
+                    "values (1, '2.25.1', 's', 'dispatched', 1, :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+            conn.execute(
+                text(
+                    "insert into series (id, study_id, series_instance_uid, "
+                    "first_received_at, last_received_at) values (1, 1, '2.25.1.1', :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+            conn.execute(
+                text(
+                    "insert into instances (id, series_id, study_id, sop_instance_uid, "
+                    "sop_class_uid, transfer_syntax_uid, size_bytes, sha256, spool_path, "
+                    "conflict, received_at, generation) values (1, 1, 1, '2.25.1.1.1', "
+                    "'1.2', '1.2', 10, 'ab', 'a/b.dcm', false, :t, 1)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+    finally:
+        engine.dispose()
+
+
+def test_series_by_study_keeps_rows_and_allows_a_reused_uid(db_url: str) -> None:
+    """0001 -> 0002 with rows in place (SQLite rebuilds the referenced series table)."""
+    upgrade(db_url, "0001")
+    _series_rows(db_url)
+    assert upgrade(db_url, "0002") == "0002"
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(text("select series_id from instances")).scalar() == 1
+            if conn.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            conn.execute(
+                text(
+                    "insert into studies (id, study_instance_uid, site, state, generation, "
+                    "first_received_at, last_received_at) "
+                    "values (2, '2.25.2', 's', 'receiving', 1, :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+            # the same series UID under another study is now a series of its own
+            conn.execute(
+                text(
+                    "insert into series (id, study_id, series_instance_uid, "
+                    "first_received_at, last_received_at) values (2, 2, '2.25.1.1', :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "insert into series (id, study_id, series_instance_uid, "
+                    "first_received_at, last_received_at) values (3, 2, '2.25.1.1', :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+        with engine.begin() as conn:
+            conn.execute(text("delete from series where id = 2"))
+    finally:
+        engine.dispose()
+    # back down: one series per UID again, the instance row still in place
+    assert downgrade(db_url, "0001") == "0001"
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("select count(*) from instances")).scalar() == 1
+    finally:
+        engine.dispose()

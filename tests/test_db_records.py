@@ -72,8 +72,8 @@ def test_set_job_state_writes_row_transition_and_event(audit: Audit) -> None:
             "detail": "out of memory",
         }
         assert all(e.job_id == job_id and e.study_id == job.study_id for e in events)
-        # A retry after a failure clears finished_at again.
-        set_job_state(s, job, JobState.RUNNING)
+        # A manual retry after a failure clears finished_at again.
+        set_job_state(s, job, JobState.QUEUED, "manual retry")
         assert job.finished_at is None
 
 

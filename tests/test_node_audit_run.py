@@ -120,6 +120,7 @@ def test_real_run_then_audit_queries_without_identifiers(tmp_path: Path, db_url:
             positive = next(
                 x.positive for x in studies if x.study_instance_uid == study.study_instance_uid
             )
+            set_job_state(s, job, JobState.RUNNING)  # the worker, now with a model
             set_job_state(s, job, JobState.INFERRED)
             record_prediction(
                 s,

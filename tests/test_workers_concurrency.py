@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
+import pytest
 from sqlalchemy import func, select
 
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import upgrade
 from sijnode.db.records import record_prediction
 from sijnode.db.schema import Event, EventType, Job, JobState, JobTransition, Study
@@ -95,3 +98,27 @@ def test_four_workers_on_the_same_job_lose_no_update(pg_url: str) -> None:
         # each run wrote its own transitions; none was lost or torn
         assert sorted(states) == sorted([JobState.RUNNING, JobState.NO_MODEL] * 4)
         assert job.state is JobState.NO_MODEL
+
+
+def test_a_redelivered_message_leaves_a_job_past_its_run(pg_url: str) -> None:
+    """acks_late re-delivers a message whose job already inferred: nothing changes."""
+    upgrade(pg_url)
+    (job_id,) = _jobs(pg_url, 1)
+    ctx = make_worker_context(load_settings(overrides={"database": {"url": pg_url}}))
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED):
+            transition(s, job, state)
+    assert execute_job(ctx, job_id) is JobState.INFERRED
+    with ctx.sessions() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state is JobState.INFERRED and job.attempts == 0
+        assert s.scalar(select(func.count()).select_from(JobTransition)) == 3
+
+
+def test_hostname_is_looked_up_when_the_context_is_built(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "worker-at-runtime")
+    ctx = make_worker_context(load_settings(overrides={"database": {"url": pg_url}}))
+    assert ctx.hostname == "worker-at-runtime"

@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.routing import RouteMatch, SeriesFacts, route_study
 from sijnode.db.engine import record_event, transaction
-from sijnode.db.records import TERMINAL_JOB_STATES, mark_dispatched, set_job_state, supersede_job
+from sijnode.db.instances import check_job_inputs
+from sijnode.db.lifecycle import TERMINAL_JOB_STATES, transition
+from sijnode.db.records import mark_dispatched, supersede_job
 from sijnode.db.schema import (
     EventType,
     Instance,
@@ -29,7 +32,7 @@ from sijnode.db.schema import (
     Study,
     StudyState,
 )
-from sijnode.errors import SijnodeError
+from sijnode.errors import MixedInputsError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentity
 from sijnode.settings import Settings
@@ -49,6 +52,16 @@ class DispatchResult:
     created: list[int]
     duplicates: list[int]
     ignored_reason: str | None = None
+    #: jobs whose inputs failed the one-study, one-patient check (recorded failed)
+    refused: list[int] = field(default_factory=list)
+
+
+class _Made(StrEnum):
+    """What :meth:`Dispatcher._job_for` did."""
+
+    CREATED = "created"
+    DUPLICATE = "duplicate"
+    REFUSED = "refused"
 
 
 def job_key(instance_hashes: list[str], pipeline: str, model_version: str) -> str:
@@ -60,13 +73,14 @@ def job_key(instance_hashes: list[str], pipeline: str, model_version: str) -> st
     return digest.hexdigest()
 
 
-def _selected_instances(session: Session, series_uid: str) -> list[Instance]:
-    """The newest copy of each SOP instance in a series, in slice order."""
+def _selected_instances(session: Session, series_id: int) -> list[Instance]:
+    """The newest copy of each SOP instance of one series row, in slice order.
+
+    By the series' row id, never by its UID: another study may reuse the UID, and its
+    instances belong to its own series row (docs/receiving.md).
+    """
     rows = session.scalars(
-        select(Instance)
-        .join(Series, Series.id == Instance.series_id)
-        .where(Series.series_instance_uid == series_uid)
-        .order_by(Instance.id)
+        select(Instance).where(Instance.series_id == series_id).order_by(Instance.id)
     ).all()
     newest: dict[str, Instance] = {}
     for row in rows:
@@ -81,7 +95,8 @@ def _selected_instances(session: Session, series_uid: str) -> list[Instance]:
     )
 
 
-def _series_facts(session: Session, study_id: int) -> list[SeriesFacts]:
+def _series_facts(session: Session, study_id: int) -> dict[str, tuple[int, SeriesFacts]]:
+    """The study's own series, by SeriesInstanceUID (unique within a study): row id, facts."""
     counts = session.execute(
         select(Series, func.count(func.distinct(Instance.sop_instance_uid)))
         .join(Instance, Instance.series_id == Series.id)
@@ -89,7 +104,10 @@ def _series_facts(session: Session, study_id: int) -> list[SeriesFacts]:
         .group_by(Series.id)
         .order_by(Series.id)
     ).all()
-    return [SeriesFacts.of(series, int(n)) for series, n in counts]
+    return {
+        series.series_instance_uid: (series.id, SeriesFacts.of(series, int(n)))
+        for series, n in counts
+    }
 
 
 class Dispatcher:
@@ -111,25 +129,50 @@ class Dispatcher:
         """Route a complete study and create its jobs; then send the new ones."""
         created: list[int] = []
         duplicates: list[int] = []
+        refused: list[int] = []
         with transaction(self.sessions) as session:
-            study = session.get_one(Study, study_id)
-            matches, reasons = route_study(self.settings.routes, _series_facts(session, study_id))
+            # Locked (PostgreSQL): a late instance that reopens the study waits for this.
+            study = session.get_one(Study, study_id, with_for_update=True)
+            if study.state is not StudyState.COMPLETE:
+                # reopened by a late instance since it was judged complete: judged again
+                log.info(
+                    "study no longer complete: not dispatched",
+                    extra=fields(study_id=study_id, state=study.state.value),
+                )
+                return DispatchResult([], [])
+            series = _series_facts(session, study_id)
+            matches, reasons = route_study(self.settings.routes, [f for _, f in series.values()])
             if not matches:
                 reason = "; ".join(reasons) or "no series"
-                study.state = StudyState.IGNORED
-                study.ignored_reason = reason[:2000]
-                record_event(session, EventType.STUDY_IGNORED, study_id=study_id, reason=reason)
+                transition(session, study, StudyState.IGNORED, reason)
                 log.info("study ignored: no route matched", extra=fields(study_id=study_id))
                 return DispatchResult([], [], reason)
             for match in matches:
-                job, is_new = self._job_for(session, study, match)
-                (created if is_new else duplicates).append(job.id)
-            study.state = StudyState.DISPATCHED
+                series_id = series[match.series.series_instance_uid][0]
+                job, made = self._job_for(session, study, match, series_id)
+                {_Made.CREATED: created, _Made.DUPLICATE: duplicates, _Made.REFUSED: refused}[
+                    made
+                ].append(job.id)
+            transition(
+                session,
+                study,
+                StudyState.DISPATCHED,
+                jobs=created,
+                duplicates=duplicates,
+                refused=refused,
+            )
         for job_id in created:
             self.send(job_id)
-        return DispatchResult(created, duplicates)
+        return DispatchResult(created, duplicates, refused=refused)
 
-    def _job_for(self, session: Session, study: Study, match: RouteMatch) -> tuple[Job, bool]:
+    def _job_for(
+        self, session: Session, study: Study, match: RouteMatch, series_id: int
+    ) -> tuple[Job, _Made]:
+        """The job of one route on one series row of ``study``: new, or the identical one.
+
+        A new job's inputs are checked at once (one study, one patient pseudonym); one
+        that fails is recorded failed with the reason and never sent.
+        """
         pipeline = match.route.pipeline
         try:
             identity = self.models(pipeline)
@@ -138,7 +181,7 @@ class Dispatcher:
             log.error("model of pipeline unusable", extra=fields(pipeline=pipeline, error=str(exc)))
             identity = None
         version = identity.version if identity else "none"
-        instances = _selected_instances(session, match.series.series_instance_uid)
+        instances = _selected_instances(session, series_id)
         key = job_key([i.sha256 for i in instances], pipeline, version)
         existing = session.scalars(select(Job).where(Job.job_key == key)).first()
         if existing is not None:
@@ -154,7 +197,7 @@ class Dispatcher:
                 "identical study re-sent: no second job",
                 extra=fields(study_id=study.id, job_id=existing.id),
             )
-            return existing, False
+            return existing, _Made.DUPLICATE
         job = Job(
             study_id=study.id,
             job_key=key,
@@ -164,12 +207,11 @@ class Dispatcher:
             weights_sha256=identity.weights_sha256 if identity else None,
             series_uids=[match.series.series_instance_uid],
             spool_paths=[i.spool_path for i in instances],
-            state=JobState.QUEUED,
             shadow=self.settings.delivery.shadow_mode,
             study_generation=study.generation,
         )
         session.add(job)
-        session.flush()
+        transition(session, job, JobState.QUEUED, f"route {match.route.name}")
         record_event(
             session,
             EventType.JOB_CREATED,
@@ -180,7 +222,13 @@ class Dispatcher:
             model_version=job.model_version,
             instances=len(instances),
         )
-        set_job_state(session, job, JobState.QUEUED, f"route {match.route.name}")
+        try:
+            check_job_inputs(session, job)
+        except MixedInputsError as exc:
+            # the earlier jobs stay as they are: nothing replaces them
+            transition(session, job, JobState.FAILED, str(exc))
+            log.error("job refused: mixed inputs", extra=fields(job_id=job.id, error=str(exc)))
+            return job, _Made.REFUSED
         earlier = session.scalars(
             select(Job).where(
                 Job.study_id == study.id,
@@ -191,7 +239,7 @@ class Dispatcher:
         ).all()
         for old in earlier:
             supersede_job(session, old, job, f"study generation {study.generation}")
-        return job, True
+        return job, _Made.CREATED
 
     def send(self, job_id: int) -> bool:
         """Send the message of a committed job; False (and logged) if the queue failed."""

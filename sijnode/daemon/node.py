@@ -22,6 +22,7 @@ from sijnode.daemon.metrics import NodeMetrics
 from sijnode.daemon.scp import StorageSCP
 from sijnode.daemon.spool import Spool
 from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import check_schema_current
 from sijnode.db.schema import EventType, Instance, Job, JobState, Study, StudyState, utcnow
 from sijnode.errors import ConfigurationError, SijnodeError
@@ -225,15 +226,12 @@ class Node:
                 verdict = assess(session, study, self.settings.completion, now)
                 if not verdict.complete:
                     continue
-                study.state = StudyState.COMPLETE
-                study.completed_at = now
-                study.completion_reason = verdict.reason
-                record_event(
+                transition(
                     session,
-                    EventType.STUDY_COMPLETE,
-                    study_id=study.id,
-                    reason=verdict.reason,
-                    generation=study.generation,
+                    study,
+                    StudyState.COMPLETE,
+                    verdict.reason,
+                    at=now,
                     series={uid: v.value for uid, v in verdict.series.items()},
                 )
                 self.metrics.studies_completed.labels(reason=verdict.reason or "").inc()

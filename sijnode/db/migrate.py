@@ -67,10 +67,42 @@ def current_revision(bind: Engine | Connection) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in one transaction for the migration scripts.
+
+    SQLite rebuilds a table to change its constraints (batch mode): the old table is
+    dropped while other tables' rows still reference it, which foreign key enforcement
+    refuses. So enforcement is off for the migration (it can only change outside a
+    transaction), the result is checked with ``PRAGMA foreign_key_check`` before the
+    commit, and enforcement is on again before the connection goes back to the pool.
+    """
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()  # ends SQLAlchemy's autobegun transaction; SQLite had none
+        try:
+            with conn.begin():
+                yield conn
+                if sqlite:
+                    dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if dangling:
+                        raise AuditError(
+                            f"migration left {len(dangling)} rows whose foreign key points "
+                            f"at no row (first: table {dangling[0][0]}); nothing was changed"
+                        )
+        finally:
+            if sqlite:
+                conn.rollback()  # a failed migration's transaction, if any, ends first
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
 def upgrade(url: str | Engine, revision: str = "head") -> str | None:
     """Migrate the database at ``url`` (or an engine) to ``revision``; return the new one."""
     with _engine_for(url) as engine:
-        with engine.begin() as conn:
+        with _migrating(engine) as conn:
             command.upgrade(alembic_config(connection=conn), revision)
         return current_revision(engine)
 
@@ -78,7 +110,7 @@ def upgrade(url: str | Engine, revision: str = "head") -> str | None:
 def downgrade(url: str | Engine, revision: str) -> str | None:
     """Migrate the database down to ``revision`` (``base`` drops everything)."""
     with _engine_for(url) as engine:
-        with engine.begin() as conn:
+        with _migrating(engine) as conn:
             command.downgrade(alembic_config(connection=conn), revision)
         return current_revision(engine)
 

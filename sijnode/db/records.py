@@ -3,7 +3,7 @@
 Every function works inside the caller's session and transaction (see
 :func:`sijnode.db.engine.transaction`) and appends its event to the ``events`` trail in
 that same transaction, so a state change and its audit record commit or fail together.
-Nothing here commits.
+Nothing here commits. State changes go through :mod:`sijnode.db.lifecycle`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sijnode.db.engine import record_event
+from sijnode.db.lifecycle import TERMINAL_JOB_STATES as TERMINAL_JOB_STATES  # re-exported
+from sijnode.db.lifecycle import transition
 from sijnode.db.schema import (
     Delivery,
     DeliveryStatus,
@@ -29,11 +31,6 @@ from sijnode.db.schema import (
     Prediction,
     SliceScore,
     utcnow,
-)
-
-#: Job states after which the job does no more work; entering one sets ``finished_at``.
-TERMINAL_JOB_STATES = frozenset(
-    {JobState.DELIVERED, JobState.SHADOW, JobState.FAILED, JobState.SUPERSEDED}
 )
 
 #: Prediction levels the audit knows; ``study`` and ``subject`` feed the metrics.
@@ -86,35 +83,8 @@ def set_job_state(
     *,
     at: datetime | None = None,
 ) -> JobTransition:
-    """Move ``job`` to ``state``: update the row, append a transition and a JOB_STATE event.
-
-    Entering a terminal state (delivered, shadow, failed, superseded) sets
-    ``finished_at``; ``at`` overrides the time (recovery, imports, tests).
-    """
-    state = JobState(state)
-    when = _when(at)
-    job_id = _ensure_id(session, job)
-    previous = job.state
-    job.state = state
-    job.updated_at = when
-    if state in TERMINAL_JOB_STATES:
-        job.finished_at = when
-    elif job.finished_at is not None and previous in TERMINAL_JOB_STATES:
-        job.finished_at = None  # re-run after a failure
-    if state is JobState.FAILED and detail:
-        job.error = detail
-    transition = JobTransition(job_id=job_id, state=state, at=when, detail=detail)
-    session.add(transition)
-    event = record_event(
-        session,
-        EventType.JOB_STATE,
-        study_id=job.study_id,
-        job_id=job_id,
-        state=state.value,
-        **_extra(previous=None if previous is None else JobState(previous).value, detail=detail),
-    )
-    event.at = when
-    return transition
+    """Move ``job`` to ``state``: a thin alias of :func:`sijnode.db.lifecycle.transition`."""
+    return transition(session, job, JobState(state), detail, at=at)
 
 
 def mark_dispatched(
@@ -145,7 +115,7 @@ def supersede_job(
     if old_id == new_id:
         raise ValueError(f"a job cannot supersede itself (job {old_id})")
     old.superseded_by_id = new_id
-    set_job_state(session, old, JobState.SUPERSEDED, reason or f"superseded by job {new_id}", at=at)
+    transition(session, old, JobState.SUPERSEDED, reason or f"superseded by job {new_id}", at=at)
     event = record_event(
         session,
         EventType.JOB_SUPERSEDED,

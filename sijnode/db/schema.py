@@ -114,9 +114,12 @@ class EventType(enum.StrEnum):
     INSTANCE_DUPLICATE = "instance_duplicate"
     INSTANCE_CONFLICT = "instance_conflict"
     INSTANCE_REFUSED = "instance_refused"
+    STUDY_RECEIVING = "study_receiving"
     STUDY_COMPLETE = "study_complete"
     STUDY_REOPENED = "study_reopened"
     STUDY_IGNORED = "study_ignored"
+    STUDY_DISPATCHED = "study_dispatched"
+    SERIES_UID_REUSED = "series_uid_reused"
     JOB_CREATED = "job_created"
     JOB_DUPLICATE = "job_duplicate"
     JOB_DISPATCHED = "job_dispatched"
@@ -190,13 +193,20 @@ class Study(Base):
 
 
 class Series(Base):
-    """A series within a study, with the equipment that made it."""
+    """A series within a study, with the equipment that made it.
+
+    Keyed by (study, SeriesInstanceUID): a series belongs to exactly one study, and
+    another study that reuses the UID gets its own row (docs/receiving.md).
+    """
 
     __tablename__ = "series"
+    __table_args__ = (
+        UniqueConstraint("study_id", "series_instance_uid", name="uq_series_study_id_series_uid"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part_examined: Mapped[str | None] = mapped_column(String(64))
     series_description: Mapped[str | None] = mapped_column(String(64))

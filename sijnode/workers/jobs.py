@@ -1,10 +1,11 @@
 """The job task body, shared by the Celery task and the embedded worker.
 
-Idempotent: a job that already reached a terminal state, or was superseded, is left as
-it is, so a re-delivered message (``acks_late``, recovery) does no harm. A pipeline with
-no model configured puts the job in the ``no_model`` state: it is kept, not dropped, and
-``sijnode serve`` sends it again at start-up once a model is configured.
-"""
+Idempotent: a job that already reached a terminal state, was superseded, or is past its
+run (inferred, reported) is left as it is, so a re-delivered message (``acks_late``,
+recovery) does no harm. A pipeline with no model configured puts the job in the
+``no_model`` state: it is kept, not dropped, and ``sijnode serve`` sends it again at
+start-up once a model is configured. States change only through
+:func:`sijnode.db.lifecycle.transition`."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import transaction
-from sijnode.db.records import TERMINAL_JOB_STATES, set_job_state
+from sijnode.db.instances import check_job_inputs
+from sijnode.db.lifecycle import JOB, TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState
-from sijnode.errors import SijnodeError
+from sijnode.errors import MixedInputsError, SijnodeError, TransitionError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
@@ -38,23 +40,37 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     runners: dict[str, PipelineRunner]
     models: ModelIdentities
-    hostname: str = socket.gethostname()
+    #: Recorded on every job this worker claims; looked up when the context is built.
+    hostname: str = field(default_factory=lambda: socket.gethostname())
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
-    """Run job ``job_id`` once; return the state it ends in."""
+    """Run job ``job_id`` once; return the state it ends in.
+
+    Before anything runs, the job's inputs are checked to come from its own study and
+    one patient pseudonym (:func:`~sijnode.db.instances.check_job_inputs`); a job that
+    fails the check is failed with the reason, and no pipeline sees its files.
+    """
     with transaction(ctx.sessions) as session:
         # Row lock (PostgreSQL): a job delivered to two workers keeps a consistent claim.
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
-        if job.state in TERMINAL_JOB_STATES:
-            log.info("job already finished", extra=fields(job_id=job_id, state=job.state.value))
+        if job.state in TERMINAL_JOB_STATES or JobState.RUNNING not in JOB.allowed(job.state):
+            # finished, or past its run (inferred, reported): a re-delivered message
+            # leaves it as it is
+            log.info("job already run", extra=fields(job_id=job_id, state=job.state.value))
             return job.state
         pipeline = job.pipeline
         job.worker_host = ctx.hostname
         job.attempts = (job.attempts or 0) + 1
-        set_job_state(session, job, JobState.RUNNING, f"attempt {job.attempts}")
+        transition(session, job, JobState.RUNNING, f"attempt {job.attempts}")
+        try:
+            check_job_inputs(session, job)
+        except MixedInputsError as exc:
+            transition(session, job, JobState.FAILED, str(exc))
+            log.error("job refused: mixed inputs", extra=fields(job_id=job_id, error=str(exc)))
+            return JobState.FAILED
     started = time.perf_counter()
     runner = ctx.runners.get(pipeline)
     try:
@@ -69,24 +85,35 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
             else f"pipeline {pipeline!r} has no implementation in this worker"
         )
     if identity is None or runner is None:
-        with transaction(ctx.sessions) as session:
-            job = session.get_one(Job, job_id)
-            set_job_state(session, job, JobState.NO_MODEL, reason)
+        final = _finish(ctx, job_id, JobState.NO_MODEL, reason)
         log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
-        return JobState.NO_MODEL
+        return final
     with transaction(ctx.sessions) as session:
         job = session.get_one(Job, job_id)
     try:
         final = runner(ctx, job, identity)
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
-        with transaction(ctx.sessions) as session:
-            job = session.get_one(Job, job_id)
-            set_job_state(session, job, JobState.FAILED, str(exc))
+        final = _finish(ctx, job_id, JobState.FAILED, str(exc))
         log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
-        return JobState.FAILED
+        return final
     log.info(
         "job finished",
         extra=fields(job_id=job_id, state=final.value, seconds=time.perf_counter() - started),
     )
     return final
+
+
+def _finish(ctx: WorkerContext, job_id: int, state: JobState, reason: str) -> JobState:
+    """Move the job to ``state`` unless it moved on meanwhile (superseded while running):
+    then it keeps that state, which is returned."""
+    with transaction(ctx.sessions) as session:
+        job = session.get_one(Job, job_id, with_for_update=True)
+        try:
+            transition(session, job, state, reason)
+        except TransitionError as exc:
+            log.warning(
+                "job moved on while it ran; its state is kept",
+                extra=fields(job_id=job_id, state=job.state.value, error=str(exc)),
+            )
+        return JobState(job.state)
