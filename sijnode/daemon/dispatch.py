@@ -2,13 +2,15 @@
 
 Order (STYLE.md, messages): the job row and its events are committed first; only then is
 the message sent. A message that could not be sent leaves the job queued with no
-``dispatched_at``, and recovery sends it again. The job key is the content hash of the
-selected series plus the pipeline and model version, so re-sending an identical study
-creates no second job (it is recorded as a duplicate).
+``dispatched_at`` (and a ``job_dispatch_failed`` event); the reconciler sends it again.
+The job key is the content hash of the selected series plus the pipeline and model
+version, so re-sending an identical study creates no second job (it is recorded as a
+duplicate).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 from collections.abc import Callable
@@ -40,6 +42,29 @@ log = logging.getLogger(__name__)
 
 #: Pipeline name → its model identity (None: no model configured).
 ModelLookup = Callable[[str], ModelIdentity | None]
+
+
+class SendOutcome(enum.StrEnum):
+    """What :meth:`Dispatcher.send` did with one job."""
+
+    SENT = "sent"  #: the queue accepted the message; ``dispatched_at`` is set
+    FAILED = "failed"  #: the queue refused it; the job stays queued and unsent
+    FINISHED = "finished"  #: the job is already finished or superseded; nothing sent
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of sending one job's message, with the task id or the error."""
+
+    job_id: int
+    outcome: SendOutcome
+    task_id: str | None = None
+    error: str | None = None
+
+    @property
+    def sent(self) -> bool:
+        """Whether the queue now holds a message for the job."""
+        return self.outcome is SendOutcome.SENT
 
 
 @dataclass(frozen=True)
@@ -193,21 +218,41 @@ class Dispatcher:
             supersede_job(session, old, job, f"study generation {study.generation}")
         return job, True
 
-    def send(self, job_id: int) -> bool:
-        """Send the message of a committed job; False (and logged) if the queue failed."""
+    def send(self, job_id: int) -> SendResult:
+        """Send the message of a committed job, one short try; say what happened.
+
+        A failed send leaves the job queued without ``dispatched_at`` and records a
+        ``job_dispatch_failed`` event; the reconciler (:mod:`sijnode.daemon.reconcile`)
+        sends it again. Never raises for a broker failure.
+        """
         with transaction(self.sessions) as session:
             job = session.get_one(Job, job_id)
             if job.state in TERMINAL_JOB_STATES:
-                return False
+                return SendResult(job_id, SendOutcome.FINISHED)
             message = JobMessage(job_id=job.id, pipeline=job.pipeline, spool_paths=job.spool_paths)
         try:
             task_id = self.queue.send(message)
         except SijnodeError as exc:
             log.error(
-                "job not sent; recovery will send it again",
+                "job not sent; the reconciler will send it again",
                 extra=fields(job_id=job_id, error=str(exc)),
             )
-            return False
+            try:
+                with transaction(self.sessions) as session:
+                    job = session.get_one(Job, job_id)
+                    record_event(
+                        session,
+                        EventType.JOB_DISPATCH_FAILED,
+                        study_id=job.study_id,
+                        job_id=job_id,
+                        error=str(exc)[:500],
+                    )
+            except SijnodeError as audit_exc:
+                log.error(
+                    "could not record a failed dispatch",
+                    extra=fields(job_id=job_id, error=str(audit_exc)),
+                )
+            return SendResult(job_id, SendOutcome.FAILED, error=str(exc))
         with transaction(self.sessions) as session:
             mark_dispatched(session, session.get_one(Job, job_id), task_id=task_id)
-        return True
+        return SendResult(job_id, SendOutcome.SENT, task_id=task_id)
