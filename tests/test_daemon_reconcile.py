@@ -22,10 +22,12 @@ import redis
 from pynetdicom import AE
 from sqlalchemy import select
 
+from sijnode.daemon.dispatch import SendOutcome
 from sijnode.daemon.node import Node
 from sijnode.daemon.scp import SUCCESS
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
 from sijnode.db.migrate import upgrade
+from sijnode.db.records import set_job_state
 from sijnode.db.schema import (
     Association,
     AssociationOutcome,
@@ -35,6 +37,7 @@ from sijnode.db.schema import (
     Job,
     JobState,
     JobTransition,
+    Study,
 )
 from sijnode.settings import Settings
 from tests.conftest import free_port, require_tool
@@ -304,9 +307,6 @@ def test_running_job_of_a_worker_is_never_sent_again(tmp_path: Path) -> None:
     settings = node_settings(tmp_path, broker=_broker(f"redis://127.0.0.1:{free_port()}/0"))
     node = Node(settings, sessions)
     with transaction(sessions) as s:
-        from sijnode.db.records import set_job_state
-        from sijnode.db.schema import Study
-
         study = Study(study_instance_uid="1.2.3.4", site="default")
         s.add(study)
         s.flush()
@@ -315,6 +315,17 @@ def test_running_job_of_a_worker_is_never_sent_again(tmp_path: Path) -> None:
             set_job_state(s, job, state)
     try:
         assert node.reconciler.owed_at_start() == 1  # b, never sent; a is its worker's
+        report = node.reconciler.run_once()  # the broker is down: b fails, nothing sent
+        assert (report.sent, report.failed, report.skipped) == (0, 1, 0)
+        with transaction(sessions) as s:
+            a, b = s.scalars(select(Job).order_by(Job.id)).all()
+            failed = s.scalars(select(Event).where(Event.type == EventType.JOB_DISPATCH_FAILED))
+            assert [e.job_id for e in failed] == [b.id]
+            set_job_state(s, b, JobState.RUNNING)  # claimed since (by a message sent earlier)
+        # Read again right before the send: a job claimed meanwhile gets no second message.
+        for job_id in (a.id, b.id):
+            result = node.dispatcher.send(job_id, node.reconciler._still_owed)
+            assert result.outcome is SendOutcome.SKIPPED and not result.sent
     finally:
         node.stop()
     embedded = Node(node_settings(tmp_path), sessions)

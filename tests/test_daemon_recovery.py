@@ -223,4 +223,5 @@ def test_sigterm_mid_transfer_answers_cleanly_and_exits(tmp_path: Path) -> None:
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log and "0x0110" not in log, log[-3000:]
     assert "stopping: aborting open associations" in log
+    assert '"message": "stopping", "signal": "SIGTERM"' in log and '"message": "stopped"' in log
     assert not list((tmp_path / "spool" / ".tmp").glob("*.part"))

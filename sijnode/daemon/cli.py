@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import Any
@@ -24,7 +25,9 @@ def serve(
     when broker.url is empty)."""
     from sijnode.cli import state
     from sijnode.daemon.node import Node
-    from sijnode.logs import configure_logging
+    from sijnode.logs import configure_logging, fields
+
+    log = logging.getLogger("sijnode.daemon.serve")
 
     node_overrides: dict[str, Any] = {
         k: v
@@ -35,10 +38,19 @@ def serve(
     configure_logging(settings.logging.level, settings.logging.json_format)
     node = Node(settings)
     stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     node.start()
     try:
         stop.wait()
     finally:
+        # Stop accepting, answer the instances in flight, then exit 0 (docs/deployment.md).
+        log.info("stopping", extra=fields(signal=received[0] if received else None))
         node.stop()
+        log.info("stopped")

@@ -66,14 +66,14 @@ class ReconcileReport:
 
     sent: int
     failed: int
-    finished: int
+    skipped: int
     waiting: int
     associations_closed: int = 0
 
     @property
     def anything(self) -> bool:
         """Whether the round did or found anything worth a log line."""
-        return bool(self.sent or self.failed or self.finished or self.associations_closed)
+        return bool(self.sent or self.failed or self.skipped or self.associations_closed)
 
 
 @dataclass
@@ -153,6 +153,24 @@ class Reconciler:
             ids.update(self._owed)
         return sorted(ids)
 
+    def _still_owed(self, job: Job) -> bool:
+        """Whether ``job``, read just before its send, still needs a message.
+
+        A worker may have claimed it, or the completion loop sent it, since the round
+        read its candidates; a message then would only be a second one.
+        """
+        owed = job.id in self._owed
+        if owed and job.state is JobState.NO_MODEL:
+            return True
+        if owed and job.state is JobState.RUNNING:
+            return not self.can_lose_messages  # interrupted in the embedded worker
+        if job.state is not JobState.QUEUED:
+            return False
+        if job.dispatched_at is None or (owed and not self.can_lose_messages):
+            return True
+        stale = utcnow() - timedelta(seconds=self.broker.unclaimed_after_seconds)
+        return self.can_lose_messages and as_utc(job.dispatched_at) <= stale
+
     def unsent(self) -> int:
         """Queued jobs whose message the queue does not have (the ``jobs_unsent`` gauge)."""
         with transaction(self.sessions) as session:
@@ -177,14 +195,14 @@ class Reconciler:
         with transaction(self.sessions) as session:
             candidates = self._candidates(session, utcnow())
         now = self.clock()
-        sent = failed = finished = 0
+        sent = failed = skipped = 0
         waiting = 0
         for index, job_id in enumerate(candidates):
             backoff = self._backoff.get(job_id)
             if backoff is not None and backoff.next_at > now:
                 waiting += 1
                 continue
-            result = self.dispatcher.send(job_id)
+            result = self.dispatcher.send(job_id, self._still_owed)
             self.metrics.job_sends.labels(outcome=result.outcome.value).inc()
             if result.outcome is SendOutcome.FAILED:
                 failed += 1
@@ -198,9 +216,9 @@ class Reconciler:
             if result.outcome is SendOutcome.SENT:
                 sent += 1
             else:
-                finished += 1
+                skipped += 1
         self.metrics.jobs_unsent.set(self.unsent())
-        report = ReconcileReport(sent, failed, finished, waiting, closed)
+        report = ReconcileReport(sent, failed, skipped, waiting, closed)
         if report.anything:
             log.info("queue reconciled with the audit", extra=fields(**report.__dict__))
         return report
