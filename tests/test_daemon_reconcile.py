@@ -333,3 +333,41 @@ def test_running_job_of_a_worker_is_never_sent_again(tmp_path: Path) -> None:
         assert embedded.reconciler.owed_at_start() == 2  # the embedded worker's own jobs
     finally:
         embedded.stop()
+
+
+def test_unclaimed_job_is_sent_again_once_per_period(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A job sent long ago and never claimed (Redis lost it) gets one new message."""
+    from datetime import timedelta
+
+    from sijnode.db.records import mark_dispatched
+    from sijnode.db.schema import utcnow
+
+    redis_server.start()
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    settings = node_settings(tmp_path, broker=_broker(redis_server.url, unclaimed_after_seconds=60))
+    node = Node(settings, sessions)
+    try:
+        with transaction(sessions) as s:
+            study = Study(study_instance_uid="1.2.3.5", site="default")
+            s.add(study)
+            s.flush()
+            lost = Job(study_id=study.id, job_key="lost", route="ct", pipeline="ct", spool_paths=[])
+            fresh = Job(study_id=study.id, job_key="new", route="ct", pipeline="ct", spool_paths=[])
+            for job in (lost, fresh):
+                set_job_state(s, job, JobState.QUEUED)
+            mark_dispatched(s, lost, task_id="gone", at=utcnow() - timedelta(seconds=61))
+            mark_dispatched(s, fresh, task_id="waiting", at=utcnow() - timedelta(seconds=30))
+        assert node.reconciler.owed_at_start() == 0  # both are with the broker, as far as known
+        first = node.reconciler.run_once()
+        second = node.reconciler.run_once()
+        assert (first.sent, second.sent) == (1, 0)
+        client = redis.Redis.from_url(redis_server.url)
+        assert client.llen(settings.broker.queue) == 1
+        client.close()
+        assert _events(node, EventType.JOB_DISPATCHED) == Counter({lost.id: 2, fresh.id: 1})
+    finally:
+        node.stop()
