@@ -125,6 +125,12 @@ class NodeSettings(_Section):
         description="UID root for every object sijnode creates (ends with a dot, ≤ 54 chars).",
     )
     site: str = Field("default", description="Site name recorded with every study.")
+    stop_grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM: how long open associations may go on before they are "
+        "aborted (the instance in flight is answered first).",
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -204,6 +210,27 @@ class BrokerSettings(_Section):
     url: str = Field("", description="Broker URL, e.g. redis://127.0.0.1:6379/0; empty = embedded.")
     result_backend: str = Field("", description="Celery result backend; empty = none.")
     queue: str = Field("sijnode.jobs", description="Queue that the job task is sent to.")
+    connect_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Connect and socket timeout of one send to the broker; a send that "
+        "fails is left to the reconciler, so the completion loop never waits long.",
+    )
+    reconcile_interval_seconds: float = Field(
+        5.0, gt=0, description="How often the reconciler looks for jobs to send again."
+    )
+    unclaimed_after_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="A job sent but still queued (no worker claimed it) this long is sent "
+        "again (its message may be lost, e.g. Redis restarted without persistence).",
+    )
+    retry_initial_seconds: float = Field(
+        5.0, gt=0, description="Wait before the second try to send a job; doubles after each."
+    )
+    retry_max_seconds: float = Field(
+        300.0, gt=0, description="Longest wait between two tries to send one job."
+    )
 
 
 class CompletionSettings(_Section):

@@ -16,6 +16,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,83 @@ def test_volumes_are_declared() -> None:
                 used.add(source)
     assert declared == used, f"declared but unused: {declared - used}"
     assert ("pgdata", "/var/lib/postgresql/data", False) in volume_mounts(SERVICES["postgres"])
+    assert ("redisdata", "/data", False) in volume_mounts(SERVICES["redis"])
+
+
+def _duration_seconds(value: str) -> float:
+    """A compose duration (``1m30s``, ``60s``, ``500ms``) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"bad duration {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_node_gets_the_time_to_stop_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker kills after stop_grace_period: it must cover the node's own grace period
+    and the answer to the instance in flight (node.stop_grace_seconds, dimse_timeout)."""
+    settings = settings_for(service_environment("node"), monkeypatch)
+    grace = _duration_seconds(SERVICES["node"]["stop_grace_period"])
+    needed = settings.node.stop_grace_seconds + max(10.0, settings.node.dimse_timeout)
+    assert grace >= needed + 5, f"stop_grace_period {grace} s < {needed} s + margin"
+    assert SERVICES["node"].get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert "STOPSIGNAL" not in {word for word, _ in dockerfile_instructions()}
+
+
+def _redis_argv() -> list[str]:
+    command = SERVICES["redis"]["command"]
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    assert argv[0] == "redis-server", argv
+    return argv
+
+
+def test_redis_is_persistent() -> None:
+    argv = _redis_argv()
+    options = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert options.get("--appendonly") == "yes", "Redis must keep queued jobs across restarts"
+    assert options.get("--appendfsync") in ("everysec", "always")
+
+
+def test_redis_command_keeps_a_queued_message_through_a_kill(tmp_path: Path) -> None:
+    """The compose command itself, run with a real redis-server: a message pushed more
+    than a second before ``kill -9`` is there after the restart (AOF, everysec)."""
+    import redis
+
+    from tests.conftest import require_tool
+
+    port = free_port()
+    argv = [require_tool("redis-server"), *_redis_argv()[1:]]
+    argv += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=port, socket_connect_timeout=1)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                time.sleep(0.05)
+        client.close()
+        return proc
+
+    proc = start()
+    try:
+        client = redis.Redis(port=port)
+        client.lpush("sijnode.jobs", b'{"job_id": 1}')
+        client.close()
+        time.sleep(2.5)  # appendfsync everysec
+    finally:
+        proc.kill()
+        proc.wait(10)
+    proc = start()
+    try:
+        client = redis.Redis(port=port)
+        assert client.lrange("sijnode.jobs", 0, -1) == [b'{"job_id": 1}']
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_node_and_worker_share_the_spool_and_models(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -24,8 +25,9 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         """Receive studies over DICOM, assemble, route and dispatch them (runs jobs itself
         when broker.url is empty)."""
         from sijnode.daemon.node import Node
-        from sijnode.logs import configure_logging
+        from sijnode.logs import configure_logging, fields
 
+        log = logging.getLogger("sijnode.daemon.serve")
         node_overrides: dict[str, Any] = {
             k: v
             for k, v in {"port": port, "ae_title": ae_title, "bind_address": bind_address}.items()
@@ -35,10 +37,19 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         configure_logging(loaded.logging.level, loaded.logging.json_format)
         node = Node(loaded)
         stop = threading.Event()
+        received: list[str] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            received.append(signal.Signals(signum).name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         node.start()
         try:
             stop.wait()
         finally:
+            # Stop accepting, answer the instances in flight, then exit 0 (docs/deployment.md).
+            log.info("stopping", extra=fields(signal=received[0] if received else None))
             node.stop()
+            log.info("stopped")

@@ -2,15 +2,18 @@
 
 Order (STYLE.md, messages): the job row and its events are committed first; only then is
 the message sent. A message that could not be sent leaves the job queued with no
-``dispatched_at``, and recovery sends it again. The job key is the content hash of the
-selected series plus the pipeline and model version, so re-sending an identical study
-creates no second job (it is recorded as a duplicate).
+``dispatched_at`` (and a ``job_dispatch_failed`` event); the reconciler sends it again.
+The job key is the content hash of the selected series plus the pipeline and model
+version, so re-sending an identical study creates no second job (it is recorded as a
+duplicate).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -43,6 +46,31 @@ log = logging.getLogger(__name__)
 
 #: Pipeline name → its model identity (None: no model configured).
 ModelLookup = Callable[[str], ModelIdentity | None]
+
+
+class SendOutcome(enum.StrEnum):
+    """What :meth:`Dispatcher.send` did with one job."""
+
+    SENT = "sent"  #: the queue accepted the message; ``dispatched_at`` is set
+    FAILED = "failed"  #: the queue refused it; the job stays queued and unsent
+    #: nothing sent: the job has finished or was superseded, or no longer meets the
+    #: caller's condition (the reconciler's: still unsent, still unclaimed)
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of sending one job's message, with the task id or the error."""
+
+    job_id: int
+    outcome: SendOutcome
+    task_id: str | None = None
+    error: str | None = None
+
+    @property
+    def sent(self) -> bool:
+        """Whether the queue now holds a message for the job."""
+        return self.outcome is SendOutcome.SENT
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,7 @@ class Dispatcher:
         self.sessions = sessions
         self.queue = queue
         self.models = models
+        self._send_lock = threading.Lock()  # the completion loop and the reconciler send
 
     def dispatch_study(self, study_id: int) -> DispatchResult:
         """Route a complete study and create its jobs; then send the new ones."""
@@ -241,21 +270,55 @@ class Dispatcher:
             supersede_job(session, old, job, f"study generation {study.generation}")
         return job, _Made.CREATED
 
-    def send(self, job_id: int) -> bool:
-        """Send the message of a committed job; False (and logged) if the queue failed."""
-        with transaction(self.sessions) as session:
-            job = session.get_one(Job, job_id)
-            if job.state in TERMINAL_JOB_STATES:
-                return False
-            message = JobMessage(job_id=job.id, pipeline=job.pipeline, spool_paths=job.spool_paths)
+    def send(self, job_id: int, expect: Callable[[Job], bool] | None = None) -> SendResult:
+        """Send the message of a committed job, one short try; say what happened.
+
+        Sends only if ``expect`` holds for the job as read now (default: never sent yet;
+        the reconciler passes its own test of a job still owed a message). Sends are
+        serialised, so the completion loop and the reconciler never both send one job.
+        A failed send leaves the job queued without ``dispatched_at`` and records a
+        ``job_dispatch_failed`` event; the reconciler (:mod:`sijnode.daemon.reconcile`)
+        sends it again. Never raises for a broker failure.
+        """
+        owed = expect or _never_sent
+        with self._send_lock:
+            with transaction(self.sessions) as session:
+                job = session.get_one(Job, job_id)
+                if job.state in TERMINAL_JOB_STATES or not owed(job):
+                    return SendResult(job_id, SendOutcome.SKIPPED)
+                message = JobMessage(
+                    job_id=job.id, pipeline=job.pipeline, spool_paths=job.spool_paths
+                )
+            try:
+                task_id = self.queue.send(message)
+            except SijnodeError as exc:
+                self._record_failed_send(job_id, exc)
+                return SendResult(job_id, SendOutcome.FAILED, error=str(exc))
+            with transaction(self.sessions) as session:
+                mark_dispatched(session, session.get_one(Job, job_id), task_id=task_id)
+        return SendResult(job_id, SendOutcome.SENT, task_id=task_id)
+
+    def _record_failed_send(self, job_id: int, exc: SijnodeError) -> None:
+        log.error(
+            "job not sent; the reconciler will send it again",
+            extra=fields(job_id=job_id, error=str(exc)),
+        )
         try:
-            task_id = self.queue.send(message)
-        except SijnodeError as exc:
+            with transaction(self.sessions) as session:
+                job = session.get_one(Job, job_id)
+                record_event(
+                    session,
+                    EventType.JOB_DISPATCH_FAILED,
+                    study_id=job.study_id,
+                    job_id=job_id,
+                    error=str(exc)[:500],
+                )
+        except SijnodeError as audit_exc:
             log.error(
-                "job not sent; recovery will send it again",
-                extra=fields(job_id=job_id, error=str(exc)),
+                "could not record a failed dispatch",
+                extra=fields(job_id=job_id, error=str(audit_exc)),
             )
-            return False
-        with transaction(self.sessions) as session:
-            mark_dispatched(session, session.get_one(Job, job_id), task_id=task_id)
-        return True
+
+
+def _never_sent(job: Job) -> bool:
+    return job.dispatched_at is None

@@ -43,6 +43,17 @@ class NodeMetrics:
         self.studies_receiving = Gauge(
             "sijnode_studies_receiving", "Studies still being received", registry=r
         )
+        self.job_sends = Counter(
+            "sijnode_job_sends",
+            "Job messages handed to the queue by the reconciler, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.jobs_unsent = Gauge(
+            "sijnode_jobs_unsent",
+            "Queued jobs whose message the queue does not have (yet)",
+            registry=r,
+        )
 
     def serve(self, port: int, address: str) -> None:
         """Start the HTTP endpoint in a daemon thread."""

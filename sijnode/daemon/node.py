@@ -1,30 +1,34 @@
 """The node: builds every part from the settings and runs them (the application factory).
 
-One engine per process, dependencies passed in, nothing global. ``Node.start`` recovers
-from a crash first (records orphaned spool files, resumes complete studies, sends queued
-jobs again), then starts the listener, the completion loop and the metrics endpoint.
+One engine per process, dependencies passed in, nothing global. ``Node.start`` makes the
+audit agree with the spool first (records orphaned spool files, closes association rows
+left open), opens the DICOM port, then starts the completion loop (which dispatches the
+complete studies) and the reconciler (which sends the jobs owed a message,
+:mod:`sijnode.daemon.reconcile`). Nothing before the port opens waits for the broker.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.completion import assess
 from sijnode.daemon.dispatch import Dispatcher
 from sijnode.daemon.ingest import Ingestor
 from sijnode.daemon.metrics import NodeMetrics
+from sijnode.daemon.reconcile import Peer, Reconciler, peers_of, run_forever
 from sijnode.daemon.scp import StorageSCP
 from sijnode.daemon.spool import Spool
 from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
 from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import check_schema_current
-from sijnode.db.schema import EventType, Instance, Job, JobState, Study, StudyState, utcnow
+from sijnode.db.schema import EventType, Instance, Study, StudyState, utcnow
 from sijnode.errors import ConfigurationError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities
@@ -38,12 +42,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """What start-up recovery found and did."""
+    """What start-up recovery found and did (before the DICOM port opens).
+
+    The broker is not touched here: the studies and jobs counted as owed are dispatched
+    and sent in the background, by the completion loop and the reconciler.
+    """
 
     partial_files_removed: int
     orphans_recorded: int
-    studies_resumed: int
-    jobs_resent: int
+    associations_closed: int
+    studies_to_dispatch: int
+    jobs_to_send: int
 
 
 class Node:
@@ -74,9 +83,23 @@ class Node:
         self.queue = self._make_queue()
         self.dispatcher = Dispatcher(settings, sessions, self.queue, self.models)
         self.scp = StorageSCP(settings.node, self.ingestor, self.metrics)
+        self.reconciler = Reconciler(
+            sessions,
+            self.dispatcher,
+            settings.broker,
+            self.metrics,
+            can_lose_messages=self.queue.can_lose_messages,
+            has_model=self._has_model,
+            live_peers=self._live_peers,
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._loop = threading.Thread(target=self._completion_loop, name="sijnode-completion")
+        self._reconcile = threading.Thread(
+            target=run_forever,
+            args=(self.reconciler, settings.broker.reconcile_interval_seconds, self._stop),
+            name="sijnode-reconcile",
+        )
 
     def _make_queue(self) -> JobQueue:
         if not self.settings.broker.url:
@@ -85,15 +108,17 @@ class Node:
             return self.embedded
         from sijnode.workers.celery_app import make_celery
 
-        return CeleryQueue(make_celery(self.settings), self.settings.broker.queue)
+        return CeleryQueue(make_celery(self.settings), self.settings.broker)
 
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self) -> RecoveryReport:
-        """Bind the ports, recover, then start the worker, the listener and the loop.
+        """Bind the ports, recover, listen; then dispatch and send in the background.
 
-        Any failure stops what was started and raises a SijnodeError that names the cause,
-        so a node never runs half-started.
+        The DICOM port opens as soon as the audit agrees with the spool: nothing that
+        needs the broker runs before it (the completion loop dispatches complete studies,
+        the reconciler sends the jobs owed). Any failure stops what was started and
+        raises a SijnodeError that names the cause, so a node never runs half-started.
         """
         try:
             if self.settings.metrics.port:
@@ -117,6 +142,7 @@ class Node:
                     f"{self.settings.node.port}: {exc.strerror}"
                 ) from exc
             self._loop.start()
+            self._reconcile.start()
             if self.settings.database.pseudonym_secret == DEFAULT_PSEUDONYM_SECRET:
                 log.warning(
                     "database.pseudonym_secret is the default: set a site secret before real use"
@@ -129,21 +155,71 @@ class Node:
         return report
 
     def stop(self) -> None:
-        """Stop receiving, finish the loop and the job in hand."""
+        """Stop accepting, let open associations finish, then stop the loops and worker.
+
+        The DICOM port closes first. Open associations may go on for
+        ``node.stop_grace_seconds``; then each gets an A-ABORT between two instances, so
+        the instance in flight is answered (or, if only part of it has arrived, never
+        acknowledged and removed). The spool and audit stay open until the last
+        association has ended.
+        """
+        self._drain_listener(self.settings.node.stop_grace_seconds)
         self.scp.stop()
         self._stop.set()
         self._wake.set()
-        if self._loop.is_alive():
-            self._loop.join(10)
+        for thread in (self._loop, self._reconcile):
+            if thread.is_alive():
+                thread.join(10)
         if self.embedded is not None:
             self.embedded.stop()
         self.ingestor.close()
         self.metrics.close()
 
+    def _live_peers(self) -> frozenset[Peer]:
+        server = self.scp.server
+        return peers_of(server.active_associations) if server is not None else frozenset()
+
+    def _drain_listener(self, grace: float) -> None:
+        """Close the listening socket; wait for, then abort, the open associations."""
+        server = self.scp.server
+        if server is None:
+            return
+        server.shutdown()  # no new association; the open ones keep their threads
+        self.scp.server = None
+        deadline = time.monotonic() + grace
+        open_ = server.active_associations
+        if open_:
+            log.info("stopping: waiting for open associations", extra=fields(count=len(open_)))
+        while open_ and time.monotonic() < deadline:
+            time.sleep(0.05)
+            open_ = server.active_associations
+        if not open_:
+            return
+        log.warning(
+            "stopping: aborting open associations after the instance in flight",
+            extra=fields(count=len(open_), grace_seconds=grace),
+        )
+        for assoc in open_:
+            # Queued for the association's reader thread, which sends it between two
+            # PDUs: never while it is storing and answering an instance.
+            assoc.acse.send_abort(0x00)
+        deadline = time.monotonic() + max(10.0, self.settings.node.dimse_timeout)
+        for assoc in open_:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        stuck = [a for a in open_ if a.is_alive()]
+        for assoc in stuck:
+            assoc.abort()
+        if stuck:
+            log.warning("stopping: associations killed", extra=fields(count=len(stuck)))
+
     # -- recovery -----------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
-        """Make the audit agree with the spool and resume interrupted work."""
+        """Make the audit agree with the spool, and find the work left owed.
+
+        Local only (spool and audit, no broker), so the DICOM port opens soon after.
+        """
+        started = utcnow()
         removed = self.spool.remove_partial_files()
         on_disk = set(self.spool.iter_files())
         with transaction(self.sessions) as session:
@@ -179,27 +255,15 @@ class Node:
                 log.error(
                     "spooled file could not be recorded", extra=fields(path=relpath, error=str(exc))
                 )
+        # No association is open yet: every active row is one the last process left.
+        closed = self.reconciler.close_stale_associations(started_before=started)
         with transaction(self.sessions) as session:
-            complete = session.scalars(
-                select(Study.id).where(Study.state == StudyState.COMPLETE)
-            ).all()
-        for study_id in complete:
-            self.dispatcher.dispatch_study(study_id)
-        with transaction(self.sessions) as session:
-            pending = session.scalars(
-                select(Job).where(
-                    Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.NO_MODEL])
-                )
-            ).all()
-            resend = [
-                j.id
-                for j in pending
-                if j.state is not JobState.NO_MODEL or self._has_model(j.pipeline)
-            ]
-        for job_id in resend:
-            self.dispatcher.send(job_id)
-        report = RecoveryReport(removed, orphans, len(complete), len(resend))
-        if any((removed, orphans, complete, resend)):
+            complete = session.scalar(
+                select(func.count()).select_from(Study).where(Study.state == StudyState.COMPLETE)
+            )
+        owed = self.reconciler.owed_at_start()
+        report = RecoveryReport(removed, orphans, closed, int(complete or 0), owed)
+        if any(report.__dict__.values()):
             with transaction(self.sessions) as session:
                 record_event(session, EventType.RECOVERY, **report.__dict__)
             log.info("recovered after restart", extra=fields(**report.__dict__))

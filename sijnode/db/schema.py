@@ -131,6 +131,7 @@ class EventType(enum.StrEnum):
     TRUTH_IMPORTED = "truth_imported"
     NODE_STARTED = "node_started"
     RECOVERY = "recovery"
+    JOB_DISPATCH_FAILED = "job_dispatch_failed"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:

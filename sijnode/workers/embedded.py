@@ -1,8 +1,8 @@
 """The embedded worker: the same job code in a thread of ``sijnode serve``.
 
 Used when ``broker.url`` is empty, so one process is a complete node (no Redis). Jobs run
-one at a time in arrival order; the queue lives in the audit database (queued jobs are
-sent again at start-up), so nothing is lost when the process dies.
+one at a time in arrival order; the queue lives in the audit database (queued and
+interrupted jobs are sent again at start-up), so nothing is lost when the process dies.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 class EmbeddedWorker:
     """A JobQueue whose messages are run by a background thread."""
+
+    #: Messages live in this process's memory: only a crash loses them, and start-up
+    #: recovery sends every queued job again.
+    can_lose_messages = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

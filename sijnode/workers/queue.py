@@ -10,32 +10,64 @@ from sijnode.workers.messages import RUN_JOB_TASK, JobMessage
 if TYPE_CHECKING:
     from celery import Celery
 
+    from sijnode.settings import BrokerSettings
+
 
 class JobQueue(Protocol):
     """Anything that accepts a job message; returns a task id."""
+
+    #: True when a sent message can be lost outside this process (a broker that restarts
+    #: without persistence), so a job still unclaimed long after its send is sent again.
+    can_lose_messages: bool
 
     def send(self, message: JobMessage) -> str:
         """Queue ``message``; raise DispatchError when it could not be queued."""
         ...
 
 
-class CeleryQueue:
-    """Sends job messages to Celery workers through the broker."""
+def publisher_options(broker: BrokerSettings) -> dict[str, object]:
+    """Celery settings of a process that only sends: one short try, never a long wait.
 
-    def __init__(self, app: Celery, queue: str) -> None:
+    Kombu otherwise retries a lost connection for ``broker_connection_timeout`` and the
+    publish itself three more times; a dead broker then holds each send for seconds. A
+    send that fails is recorded and left to the reconciler (``sijnode.daemon.reconcile``).
+    """
+    timeout = broker.connect_timeout_seconds
+    return {
+        "broker_connection_timeout": timeout,
+        "broker_connection_retry": False,
+        "broker_connection_max_retries": 0,
+        "broker_pool_limit": 1,
+        "broker_transport_options": {
+            "max_retries": 0,
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            "retry_on_timeout": False,
+        },
+    }
+
+
+class CeleryQueue:
+    """Sends job messages to Celery workers through the broker, one short try each."""
+
+    can_lose_messages = True
+
+    def __init__(self, app: Celery, broker: BrokerSettings) -> None:
         self.app = app
-        self.queue = queue
+        self.queue = broker.queue
+        app.conf.update(publisher_options(broker))
 
     def send(self, message: JobMessage) -> str:
-        """Send the run-job task with the message as its only argument."""
+        """Send the run-job task with the message as its only argument (no retries)."""
         try:
             result = self.app.send_task(
                 RUN_JOB_TASK,
                 kwargs={"message": message.model_dump(mode="json")},
                 queue=self.queue,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+                retry=False,
             )
-        except Exception as exc:
-            raise DispatchError(f"broker did not accept job {message.job_id}: {exc}") from exc
+        except Exception as exc:  # kombu and redis raise many types; all mean "not queued"
+            raise DispatchError(
+                f"broker did not accept job {message.job_id}: {type(exc).__name__}: {exc}"
+            ) from exc
         return str(result.id)
