@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select, text
 
@@ -23,8 +23,11 @@ from sijnode.db.schema import (
     StudyState,
 )
 from tests.conftest import require_tool
-from tests.nodes import count, node_settings, running_node, send, wait_for
+from tests.nodes import count, node_settings, receive_mode, running_node, send, wait_for  # noqa: F401 - receive_mode: a fixture
 from tests.studies import dataset_part, encode, make_series, make_study, write
+
+# every test here runs in both receive modes (node.receive_mode)
+pytestmark = pytest.mark.usefixtures("receive_mode")
 
 
 def _study_state(node, uid: str) -> StudyState | None:
@@ -110,13 +113,13 @@ def test_calling_ae_title_not_allowed_is_rejected(tmp_path: Path) -> None:
     with running_node(settings) as node:
         ae = AE(ae_title="INTRUDER")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         assoc.release()
@@ -134,7 +137,7 @@ def test_source_address_not_allowed_is_rejected(tmp_path: Path) -> None:
     with running_node(settings) as node:
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)
@@ -156,7 +159,7 @@ def test_minimum_free_space_refuses_without_partial_files(tmp_path: Path) -> Non
         # the node is still up
         ae = AE()
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.send_c_echo().Status == 0
         assoc.release()
 
@@ -175,26 +178,63 @@ def tiny_filesystem(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def _send_until_aborted(datasets: list, port: int) -> list[int]:
+    """The status of each C-STORE, until the peer aborts the association."""
+    ae = AE(ae_title="TESTSCU")
+    ae.requested_contexts = StoragePresentationContexts[:100]
+    assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
+    assert assoc.is_established
+    statuses = []
+    for ds in datasets:
+        if not assoc.is_established:
+            break
+        rsp = assoc.send_c_store(ds)
+        if "Status" not in rsp:
+            break
+        statuses.append(int(rsp.Status))
+    if assoc.is_established:
+        assoc.release()
+    return statuses
+
+
 def test_full_filesystem_gives_failure_status_and_no_partial_files(
-    tmp_path: Path, tiny_filesystem: Path
+    tmp_path: Path, tiny_filesystem: Path, receive_mode: str
 ) -> None:
+    """Fast mode answers 0xA700 and keeps the association; in standard mode pynetdicom's
+    own file write fails and pynetdicom aborts the association. In both, every
+    acknowledged instance is complete, and no partial file survives (fast: at once;
+    standard: pynetdicom leaves it, start-up removes it)."""
     settings = node_settings(
         tmp_path, storage={"spool_dir": str(tiny_filesystem / "spool"), "min_free_mb": 0}
     )
     # 256×256 int16 ≈ 128 KiB per slice: the 1 MiB filesystem fills after a few
     study = make_series("enospc", "1.2.3.4", 1, 12, rows=256)
+    tmp = tiny_filesystem / "spool" / ".tmp"
     with running_node(settings) as node:
-        statuses = send(study, node.scp.port)
-        assert SUCCESS in statuses and OUT_OF_RESOURCES in statuses
+        statuses = _send_until_aborted(study, node.scp.port)
+        assert SUCCESS in statuses
+        if receive_mode == "fast":
+            assert OUT_OF_RESOURCES in statuses and len(statuses) == len(study)
+            assert list(tmp.iterdir()) == []
+        else:
+            assert len(statuses) < len(study)  # aborted by pynetdicom
         stored = statuses.count(SUCCESS)
         assert count(node, Instance) == stored
         assert len(node.spool.iter_files()) == stored
-        assert list((tiny_filesystem / "spool" / ".tmp").iterdir()) == []
         # every acknowledged instance is complete and byte-identical
         with node.sessions() as s:
             for row in s.scalars(select(Instance)).all():
                 ds = next(d for d in study if str(d.SOPInstanceUID) == row.sop_instance_uid)
                 assert dataset_part(node.spool.read(row.spool_path)) == dataset_part(encode(ds))
+        # the node is still up
+        ae = AE()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    with running_node(settings, migrate=False) as node:
+        assert list(tmp.iterdir()) == []
+        assert count(node, Instance) == stored
 
 
 def test_invalid_uid_is_refused_and_node_stays_up(tmp_path: Path) -> None:

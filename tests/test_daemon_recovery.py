@@ -48,7 +48,7 @@ def _serve(tmp_path: Path, port: int, quiet: float, log_name: str) -> subprocess
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp_path / log_name).read_text()
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
         if assoc.is_established:
             assoc.release()
             return proc
@@ -67,7 +67,7 @@ def test_kill_9_mid_transfer_then_restart(tmp_path: Path) -> None:
     def sender() -> None:
         ae = AE(ae_title="MODALITY")
         ae.requested_contexts = StoragePresentationContexts[:50]
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
         for ds in series:
             try:
                 rsp = assoc.send_c_store(ds)

@@ -12,8 +12,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from sijnode.daemon.scp import SUCCESS
 from tests.conftest import require_tool
-from tests.nodes import node_settings, running_node, send
+from tests.nodes import node_settings, receive_mode, running_node, send  # noqa: F401 - receive_mode: a fixture
 from tests.studies import make_study
+
+# every test here runs in both receive modes (node.receive_mode)
+pytestmark = pytest.mark.usefixtures("receive_mode")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -103,7 +106,9 @@ def _echo(port: int, ctx: ssl.SSLContext | None) -> bool:
     ae = AE(ae_title="TLSSCU")
     ae.acse_timeout = ae.network_timeout = 5
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, tls_args=(ctx, "127.0.0.1") if ctx else None)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="SIJNODE", tls_args=(ctx, "127.0.0.1") if ctx else None
+    )
     if not assoc.is_established:
         return False
     ok = assoc.send_c_echo().Status == 0
@@ -138,6 +143,8 @@ def test_dcmtk_echoscu_over_tls(tmp_path: Path, pki: Path) -> None:
                 str(pki / "client.pem"),
                 "+cf",
                 str(pki / "ca.pem"),
+                "-aec",
+                "SIJNODE",
                 "127.0.0.1",
                 str(node.scp.port),
             ],

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Integer, bindparam, case, func, insert, select, update
@@ -31,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sijnode.daemon.header import InstanceHeader, read_header
 from sijnode.daemon.keys import InstanceKeys, read_keys
 from sijnode.daemon.spool import Spool, content_hash
-from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
+from sijnode.daemon.staging import HEAD_BYTES, StagedFile, adopt_staged, open_staged
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.prepared import PreparedStatement, run_pipelined
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
@@ -218,6 +219,10 @@ class Ingestor:
     def staged_file(self) -> StagedFile:
         """A new file in the spool's temporary directory for a data set about to arrive."""
         return open_staged(self.spool, self._helpers)
+
+    def adopted_file(self, path: Path) -> StagedFile:
+        """A data set pynetdicom received into ``path`` itself (the standard receive mode)."""
+        return adopt_staged(self.spool, self._helpers, path)
 
     def ingest(
         self,
