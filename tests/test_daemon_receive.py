@@ -23,7 +23,15 @@ from sijnode.db.schema import (
     StudyState,
 )
 from tests.conftest import require_tool
-from tests.nodes import count, node_settings, receive_mode, running_node, send, wait_for  # noqa: F401 - receive_mode: a fixture
+from tests.nodes import (  # noqa: F401 - receive_mode: a fixture
+    count,
+    current_receive_mode,
+    node_settings,
+    receive_mode,
+    running_node,
+    send,
+    wait_for,
+)
 from tests.studies import dataset_part, encode, make_series, make_study, write
 
 # every test here runs in both receive modes (node.receive_mode)
@@ -198,7 +206,7 @@ def _send_until_aborted(datasets: list, port: int) -> list[int]:
 
 
 def test_full_filesystem_gives_failure_status_and_no_partial_files(
-    tmp_path: Path, tiny_filesystem: Path, receive_mode: str
+    tmp_path: Path, tiny_filesystem: Path
 ) -> None:
     """Fast mode answers 0xA700 and keeps the association; in standard mode pynetdicom's
     own file write fails and pynetdicom aborts the association. In both, every
@@ -213,7 +221,7 @@ def test_full_filesystem_gives_failure_status_and_no_partial_files(
     with running_node(settings) as node:
         statuses = _send_until_aborted(study, node.scp.port)
         assert SUCCESS in statuses
-        if receive_mode == "fast":
+        if current_receive_mode() == "fast":
             assert OUT_OF_RESOURCES in statuses and len(statuses) == len(study)
             assert list(tmp.iterdir()) == []
         else:

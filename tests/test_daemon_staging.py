@@ -305,6 +305,7 @@ def test_c_store_response_pdu_decodes_as_pynetdicom_expects() -> None:
     from pynetdicom.dimse_messages import DIMSEMessage
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu import P_DATA_TF
+
     from sijnode.daemon.dimse.fastpath import encode_c_store_rsp
 
     for sop_uid, status in (("1.2.3.4", 0x0000), ("1.2.840.10008.55", 0xA700)):
