@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select, text
@@ -348,3 +351,217 @@ def test_reidentification_map_only_when_allowed(tmp_path: Path, allowed: bool) -
                 assert reidentify(s, study.patient_pseudonym) == ("patient", PATIENT_ID)
             else:
                 assert rows == []
+
+
+# -- issue 9: receiving, hardened --------------------------------------------------------
+
+
+def test_size_bytes_is_the_stored_size_also_for_one_pdu_data_sets(tmp_path: Path) -> None:
+    """Small data sets arrive in one PDU; their row records their real size."""
+    study = make_study("sizes", n=3)  # 32×32 int16: about 3 KB each, one PDU
+    big = make_series("sizes-big", str(study[0].StudyInstanceUID), 2, 1, rows=256)
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(study + big, node.scp.port) == [SUCCESS] * 4
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+        assert len(rows) == 4
+        for row in rows:
+            assert row.size_bytes == node.spool.path(row.spool_path).stat().st_size > 0
+
+        def association_bytes() -> int | None:
+            with node.sessions() as s:
+                return s.scalars(select(Association.bytes_received)).one()
+
+        # the association's row is closed with its counts once it is released
+        wait_for(lambda: association_bytes() == sum(r.size_bytes for r in rows))
+
+
+def test_deflated_full_size_ct_slice_from_storescu(tmp_path: Path) -> None:
+    """``storescu -xd`` (Deflated Explicit VR Little Endian) with a 512² CT slice."""
+    from sijnode.synth import generate_ct_study
+
+    storescu = require_tool("storescu")
+    study = generate_ct_study(11, 1, positive=False, n_slices=2)
+    assert int(study.datasets[0].Rows) == 512
+    files = write(study.datasets, tmp_path / "deflated")
+    with running_node(node_settings(tmp_path)) as node:
+        proc = subprocess.run(
+            [storescu, "-xd", "-aec", "SIJNODE", "127.0.0.1", str(node.scp.port)]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+        assert len(rows) == 2
+        assert {r.transfer_syntax_uid for r in rows} == {"1.2.840.10008.1.2.1.99"}
+        sent = {str(ds.SOPInstanceUID): ds for ds in study.datasets}
+        for row in rows:
+            stored = dcmread(node.spool.path(row.spool_path))
+            assert stored.PixelData == sent[row.sop_instance_uid].PixelData
+
+
+def _echo(port: int, called: str = "SIJNODE", calling: str = "ECHOSCU") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _rejected(node: Any) -> list[Association]:
+    with node.sessions() as s:
+        return list(
+            s.scalars(
+                select(Association).where(Association.outcome == AssociationOutcome.REJECTED)
+            ).all()
+        )
+
+
+def test_called_ae_title_is_checked(tmp_path: Path) -> None:
+    with running_node(node_settings(tmp_path)) as node:
+        assoc = _echo(node.scp.port, called="SOMEONE-ELSE")
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+        (row,) = _rejected(node)
+        assert row.called_ae_title == "SOMEONE-ELSE"
+        assert "called AE title" in (row.reject_reason or "")
+        assoc = _echo(node.scp.port)
+        assert assoc.is_established
+        assoc.release()
+    relaxed = node_settings(tmp_path / "any", node={"accept_any_called_ae_title": True})
+    with running_node(relaxed) as node:
+        assoc = _echo(node.scp.port, called="ANY-SCP")
+        assert assoc.is_established
+        assoc.release()
+
+
+def test_association_limit_rejection_records_its_reason(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, node={"max_associations": 1})
+    with running_node(settings) as node:
+        first = _echo(node.scp.port)
+        assert first.is_established
+        second = _echo(node.scp.port, calling="SECOND")
+        assert second.is_rejected
+        rj = second.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        first.release()
+        (row,) = _rejected(node)
+        assert row.calling_ae_title == "SECOND"
+        assert row.reject_reason and "association limit of 1" in row.reject_reason
+        events = count(node, Event, Event.type == EventType.ASSOCIATION_REJECTED)
+        assert events == 1
+
+
+def test_the_default_association_limit_takes_an_ordinary_burst(tmp_path: Path) -> None:
+    """4 large and 10 small studies at once: 14 associations open together."""
+    with running_node(node_settings(tmp_path)) as node:
+        assert node.settings.node.max_associations >= 64
+        opened = [_echo(node.scp.port, calling=f"MOD{i}") for i in range(14)]
+        try:
+            assert all(a.is_established for a in opened)
+        finally:
+            for assoc in opened:
+                if assoc.is_established:
+                    assoc.release()
+        assert _rejected(node) == []
+
+
+def test_an_association_the_audit_cannot_record_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running_node(node_settings(tmp_path)) as node:
+        engine = node.sessions.kw["bind"]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE TRIGGER fail_association BEFORE INSERT ON associations "
+                    "BEGIN SELECT RAISE(ABORT, 'simulated audit failure'); END"
+                )
+            )
+        with caplog.at_level("ERROR", logger="sijnode.daemon.scp"):
+            assoc = _echo(node.scp.port)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x01, 0x01)
+        assert any("association refused" in r.getMessage() for r in caplog.records)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail_association"))
+        assert send(make_study("audit-back", n=1), node.scp.port) == [SUCCESS]
+
+
+PRIVATE_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
+
+
+def private_non_image(study_uid: str, seed: str = "csa") -> Dataset:
+    """A private non-image object as Siemens scanners add to MR studies."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from sijnode.uids import DEFAULT_UID_ROOT, make_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = PRIVATE_NON_IMAGE
+    ds.SOPInstanceUID = make_uid(DEFAULT_UID_ROOT, [seed, study_uid, "csa"])
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = make_uid(DEFAULT_UID_ROOT, [seed, study_uid, "csa-series"])
+    ds.PatientID = "PID-SECRET-4711"
+    ds.PatientName = "TESTPATIENT^SECRET"
+    ds.StudyDate = "20260101"
+    ds.Modality = "MR"
+    ds.SeriesNumber = 99
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = "PhoenixZIPReport"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA NON-IMAGE")
+    ds.add_new(0x00291010, "OB", b"\x00" * 512)
+    return ds
+
+
+def test_a_private_storage_class_is_stored_and_not_routed(tmp_path: Path) -> None:
+    """A private non-image SOP class is accepted and stored; routing ignores its series."""
+    study = make_study("private-class", n=4, modality="MR")
+    uid = str(study[0].StudyInstanceUID)
+    private = private_non_image(uid)
+    with running_node(node_settings(tmp_path)) as node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(PRIVATE_NON_IMAGE)
+        for cx in StoragePresentationContexts[:10]:
+            ae.add_requested_context(cx.abstract_syntax)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [private, *study]]
+        assoc.release()
+        assert statuses == [SUCCESS] * 5
+        wait_for(lambda: _study_state(node, uid) == StudyState.DISPATCHED)
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+        stored = {r.sop_instance_uid: r for r in rows}
+        assert stored[str(private.SOPInstanceUID)].sop_class_uid == PRIVATE_NON_IMAGE
+        assert dataset_part(
+            node.spool.read(stored[str(private.SOPInstanceUID)].spool_path)
+        ) == dataset_part(encode(private))
+        (job,) = _jobs(node)
+        assert job.pipeline == "mr" and len(job.spool_paths) == 4
+        assert stored[str(private.SOPInstanceUID)].spool_path not in job.spool_paths
+
+
+def test_a_study_of_only_private_objects_is_ignored_with_the_reason(tmp_path: Path) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.31337"
+    private = private_non_image(uid)
+    with running_node(node_settings(tmp_path)) as node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(PRIVATE_NON_IMAGE)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert int(assoc.send_c_store(private).Status) == SUCCESS
+        assoc.release()
+        wait_for(lambda: _study_state(node, uid) == StudyState.IGNORED)
+        with node.sessions() as s:
+            reason = s.scalars(select(Study.ignored_reason)).one()
+        assert f"SOP class {PRIVATE_NON_IMAGE}" in reason and "no pipeline reads" in reason
