@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select, text
@@ -35,7 +34,15 @@ from tests.nodes import (  # noqa: F401 - receive_mode: a fixture
     send,
     wait_for,
 )
-from tests.studies import dataset_part, encode, make_series, make_study, write
+from tests.studies import (
+    PRIVATE_NON_IMAGE,
+    dataset_part,
+    encode,
+    make_series,
+    make_study,
+    private_non_image,
+    write,
+)
 
 # every test here runs in both receive modes (node.receive_mode)
 pytestmark = pytest.mark.usefixtures("receive_mode")
@@ -491,38 +498,6 @@ def test_an_association_the_audit_cannot_record_is_refused(
         assert send(make_study("audit-back", n=1), node.scp.port) == [SUCCESS]
 
 
-PRIVATE_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
-
-
-def private_non_image(study_uid: str, seed: str = "csa") -> Dataset:
-    """A private non-image object as Siemens scanners add to MR studies."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    from sijnode.uids import DEFAULT_UID_ROOT, make_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = PRIVATE_NON_IMAGE
-    ds.SOPInstanceUID = make_uid(DEFAULT_UID_ROOT, [seed, study_uid, "csa"])
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = make_uid(DEFAULT_UID_ROOT, [seed, study_uid, "csa-series"])
-    ds.PatientID = "PID-SECRET-4711"
-    ds.PatientName = "TESTPATIENT^SECRET"
-    ds.StudyDate = "20260101"
-    ds.Modality = "MR"
-    ds.SeriesNumber = 99
-    ds.InstanceNumber = 1
-    ds.SeriesDescription = "PhoenixZIPReport"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-    ds.add_new(0x00290010, "LO", "SIEMENS CSA NON-IMAGE")
-    ds.add_new(0x00291010, "OB", b"\x00" * 512)
-    return ds
-
-
 def test_a_private_storage_class_is_stored_and_not_routed(tmp_path: Path) -> None:
     """A private non-image SOP class is accepted and stored; routing ignores its series."""
     study = make_study("private-class", n=4, modality="MR")
@@ -565,3 +540,40 @@ def test_a_study_of_only_private_objects_is_ignored_with_the_reason(tmp_path: Pa
         with node.sessions() as s:
             reason = s.scalars(select(Study.ignored_reason)).one()
         assert f"SOP class {PRIVATE_NON_IMAGE}" in reason and "no pipeline reads" in reason
+
+
+def test_a_connection_lost_mid_commit_answers_out_of_resources(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL ends the node's connection inside COMMIT (a deferred trigger that
+    terminates its own backend): 0xA700 and a clean log line, no traceback; nothing
+    stored, and the next instance is stored on a new connection."""
+    settings = node_settings(tmp_path, db_url=pg_url, completion={"quiet_seconds": 600})
+    with running_node(settings) as node:
+        assert send(make_study("commit-ok", n=1), node.scp.port) == [SUCCESS]
+        engine = node.sessions.kw["bind"]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE FUNCTION end_my_connection() RETURNS trigger AS $$ BEGIN "
+                    "PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END "
+                    "$$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE CONSTRAINT TRIGGER lose_connection AFTER INSERT ON instances "
+                    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                    "EXECUTE FUNCTION end_my_connection()"
+                )
+            )
+        with caplog.at_level("INFO"):
+            statuses = send(make_study("commit-lost", n=1), node.scp.port)
+        assert statuses == [OUT_OF_RESOURCES]
+        assert not [r for r in caplog.records if r.exc_info], "no traceback in the log"
+        assert any(r.getMessage() == "instance refused" for r in caplog.records)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER lose_connection ON instances"))
+        assert send(make_study("commit-back", n=1), node.scp.port) == [SUCCESS]
+        assert count(node, Instance) == 2
+        assert len(node.spool.iter_files()) == 2

@@ -153,3 +153,32 @@ def test_dcmtk_echoscu_over_tls(tmp_path: Path, pki: Path) -> None:
             timeout=30,
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_failed_handshakes_are_recorded_as_refused_associations(tmp_path: Path, pki: Path) -> None:
+    """A plain association and a client without a certificate (mutual TLS): a log line
+    and a refused association with the reason, each; the node keeps serving."""
+    from sqlalchemy import select
+
+    from sijnode.db.schema import Association, AssociationOutcome, Event, EventType
+    from tests.nodes import count, wait_for
+
+    with running_node(_tls_settings(tmp_path, pki, mutual=True)) as node:
+        assert not _echo(node.scp.port, None)
+        assert not _echo(node.scp.port, _client_context(pki, with_cert=False))
+
+        def refused() -> list[Association]:
+            with node.sessions() as s:
+                return list(
+                    s.scalars(
+                        select(Association).where(
+                            Association.outcome == AssociationOutcome.REJECTED
+                        )
+                    ).all()
+                )
+
+        rows = wait_for(lambda: len(refused()) == 2 and refused())
+        assert all(r.tls and r.peer_address == "127.0.0.1" for r in rows)
+        assert all((r.reject_reason or "").startswith("TLS handshake failed: ") for r in rows)
+        assert count(node, Event, Event.type == EventType.ASSOCIATION_REJECTED) == 2
+        assert _echo(node.scp.port, _client_context(pki, with_cert=True))
