@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select
@@ -20,7 +21,14 @@ from sijnode.db.engine import make_engine, make_sessionmaker
 from sijnode.db.migrate import upgrade
 from sijnode.db.schema import Instance, Job, JobState, Study, StudyState
 from tests.conftest import free_port
-from tests.nodes import node_settings, running_node, send, wait_for
+from tests.nodes import (  # noqa: F401 - receive_mode: a fixture
+    current_receive_mode,
+    node_settings,
+    receive_mode,
+    running_node,
+    send,
+    wait_for,
+)
 from tests.studies import dataset_part, encode, make_series, make_study
 
 SIJNODE = str(Path(sys.executable).parent / "sijnode")
@@ -39,6 +47,7 @@ def _serve(tmp_path: Path, port: int, quiet: float, log_name: str) -> subprocess
             "SIJNODE_COMPLETION__QUIET_SECONDS": str(quiet),
             "SIJNODE_COMPLETION__CONTENT_QUIET_SECONDS": str(quiet),
             "SIJNODE_COMPLETION__CHECK_INTERVAL_SECONDS": "0.2",
+            "SIJNODE_NODE__RECEIVE_MODE": current_receive_mode(),
         }
     )
     log = (tmp_path / log_name).open("wb")
@@ -57,6 +66,7 @@ def _serve(tmp_path: Path, port: int, quiet: float, log_name: str) -> subprocess
     raise AssertionError("sijnode serve did not start listening")
 
 
+@pytest.mark.usefixtures("receive_mode")
 def test_kill_9_mid_transfer_then_restart(tmp_path: Path) -> None:
     upgrade(f"sqlite:///{tmp_path / 'audit.db'}")
     port = free_port()
