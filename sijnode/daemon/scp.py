@@ -541,10 +541,12 @@ class StorageSCP:
     def _take_over(self, event: evt.Event) -> StagedFile | None:
         """Standard mode: the file pynetdicom's chunked receive wrote (public API)."""
         try:
-            path = Path(event.dataset_path)
-        except AttributeError:
+            path = event.dataset_path
+        except AttributeError:  # not a C-STORE
             return None
-        return self.ingestor.adopted_file(path)
+        if path is None:  # chunked receive is off: the data set is not in a file
+            return None
+        return self.ingestor.adopted_file(Path(path))
 
     def _answer(self, staged: StagedFile, state: _AssocState, sop_uid: str) -> int:
         """The DIMSE status for an ingested instance, counted once (PS3.4 Annex B.2.3)."""
