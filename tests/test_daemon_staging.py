@@ -414,3 +414,22 @@ def test_optimistic_path_falls_back_for_duplicates_and_conflicts(
         assert count(node, Event, Event.type == EventType.INSTANCE_DUPLICATE) == 4
         assert count(node, Instance, Instance.conflict.is_(True)) == 2
         assert count(node, Instance, Instance.association_id.is_(None)) == 0
+
+
+def test_the_writeback_call_is_looked_up_on_first_use_not_at_import() -> None:
+    """Importing the staging module runs no ctypes library lookup (issue 8.5)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes.util\n"
+        "calls = []\n"
+        "real = ctypes.util.find_library\n"
+        "ctypes.util.find_library = lambda name: calls.append(name) or real(name)\n"
+        "import sijnode.daemon.staging as staging\n"
+        "assert calls == [], calls\n"
+        "staging.start_writeback(0, 0, 0)\n"
+        "assert calls == ['c'], calls\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
