@@ -109,8 +109,24 @@ class NodeSettings(_Section):
         default_factory=list,
         description="Source addresses or CIDR networks allowed to connect; empty allows any.",
     )
+    accept_any_called_ae_title: bool = Field(
+        False,
+        description="Accept any called AE title; off: only associations that call ae_title.",
+    )
     tls: TLSSettings = Field(default_factory=TLSSettings)
-    max_associations: int = Field(10, ge=1, le=1000, description="Concurrent associations.")
+    max_associations: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Concurrent associations (each costs a thread and its buffers).",
+    )
+    receive_mode: Literal["fast", "standard"] = Field(
+        "fast",
+        description=(
+            "'fast' answers each C-STORE on the reader thread; 'standard' uses only "
+            "pynetdicom's public API (docs/receiving.md)."
+        ),
+    )
     max_instances_per_association: int = Field(
         0, ge=0, description="Instances accepted on one association; 0 means unlimited."
     )

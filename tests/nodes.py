@@ -1,4 +1,9 @@
-"""Run a real node in the test process and talk to it with real DICOM peers."""
+"""Run a real node in the test process and talk to it with real DICOM peers.
+
+Receive tests run in both receive modes (``node.receive_mode``): a test module that
+imports :func:`receive_mode` and marks itself ``pytest.mark.usefixtures("receive_mode")``
+runs each test once per mode, and :func:`node_settings` picks the mode up.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import func, select
@@ -29,13 +36,36 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+RECEIVE_MODES = ("fast", "standard")
+_receive_mode: ContextVar[str] = ContextVar("receive_mode", default="fast")
+
+
+@pytest.fixture(params=RECEIVE_MODES)
+def receive_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each receive mode in turn; :func:`node_settings` uses it meanwhile."""
+    token = _receive_mode.set(str(request.param))
+    try:
+        yield str(request.param)
+    finally:
+        _receive_mode.reset(token)
+
+
+def current_receive_mode() -> str:
+    """The receive mode of the running test (``fast`` outside :func:`receive_mode`)."""
+    return _receive_mode.get()
+
+
 def node_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -> Settings:
     """Settings for a node on a free loopback port with fast completion timers."""
     url = db_url or f"sqlite:///{tmp_path / 'audit.db'}"
     base: dict[str, Any] = {
         "database": {"url": url, "pseudonym_secret": "test-secret"},
         "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_mb": 1},
-        "node": {"port": free_port(), "bind_address": "127.0.0.1"},
+        "node": {
+            "port": free_port(),
+            "bind_address": "127.0.0.1",
+            "receive_mode": current_receive_mode(),
+        },
         "metrics": {"port": 0},
         "completion": {
             "quiet_seconds": 1.5,
@@ -54,6 +84,7 @@ def running_node(settings: Settings, migrate: bool = True) -> Iterator[Node]:
         upgrade(settings.database.url)
     node = Node(settings)
     node.start()
+    assert node.scp.mode == settings.node.receive_mode, "the receive mode asked for is in effect"
     try:
         yield node
     finally:

@@ -90,6 +90,33 @@ def make_study(seed: str, series: int = 1, n: int = 4, modality: str = "CT") -> 
     return out
 
 
+PRIVATE_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
+
+
+def private_non_image(study_uid: str, seed: str = "csa") -> Dataset:
+    """A private non-image object as Siemens scanners add to MR studies."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = PRIVATE_NON_IMAGE
+    ds.SOPInstanceUID = make_uid(DEFAULT_UID_ROOT, [seed, study_uid, "csa"])
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = make_uid(DEFAULT_UID_ROOT, [seed, study_uid, "csa-series"])
+    ds.PatientID = PATIENT_ID
+    ds.PatientName = PATIENT_NAME
+    ds.StudyDate = "20260101"
+    ds.Modality = "MR"
+    ds.SeriesNumber = 99
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = "PhoenixZIPReport"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA NON-IMAGE")
+    ds.add_new(0x00291010, "OB", b"\x00" * 512)
+    return ds
+
+
 def encode(ds: Dataset) -> bytes:
     """The dataset as a DICOM file (what the node spools)."""
     buf = io.BytesIO()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pydicom.data
 import pynetdicom._config
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -26,12 +27,15 @@ from sqlalchemy import select
 from sijnode.daemon.scp import CANNOT_UNDERSTAND, SUCCESS, accepted_transfer_syntaxes
 from sijnode.db.schema import Instance
 from sijnode.uids import is_valid_uid
-from tests.nodes import node_settings, running_node
+from tests.nodes import node_settings, receive_mode, running_node  # noqa: F401 - receive_mode: a fixture
 from tests.studies import dataset_part
 
 STORAGE = {str(c.abstract_syntax) for c in StoragePresentationContexts}
 #: Files pynetdicom itself cannot send (a client-side encoding error, before any PDU).
 CLIENT_CANNOT_SEND = {"SC_rgb_jpeg.dcm"}
+
+# every test here runs in both receive modes (node.receive_mode)
+pytestmark = pytest.mark.usefixtures("receive_mode")
 
 
 def corpus() -> list[tuple[Path, Dataset]]:
@@ -79,7 +83,7 @@ def test_corpus_received_byte_identical(tmp_path: Path, monkeypatch) -> None:
         for path, ds in files:
             ae = AE(ae_title="CORPUS")
             ae.add_requested_context(ds.SOPClassUID, [_syntax(ds)])
-            assoc = ae.associate("127.0.0.1", node.scp.port)
+            assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
             assert assoc.is_established, path.name
             has_meta = path.read_bytes()[128:132] == b"DICM"
             try:
@@ -99,7 +103,7 @@ def test_corpus_received_byte_identical(tmp_path: Path, monkeypatch) -> None:
                 sent.setdefault(str(ds.SOPInstanceUID), []).append(expected)
         ae = AE()
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.send_c_echo().Status == 0, "node must stay up"
         assoc.release()
         with node.sessions() as s:
@@ -133,7 +137,7 @@ def test_garbage_after_valid_meta_is_refused(tmp_path: Path, monkeypatch) -> Non
     with running_node(node_settings(tmp_path)) as node:
         ae = AE()
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [ExplicitVRLittleEndian])
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         rsp = assoc.send_c_store(path)
         assert int(rsp.Status) == CANNOT_UNDERSTAND
         # the same association still works

@@ -23,7 +23,7 @@ from sijnode.db.schema import Association, Instance, Job, JobState, Study, Study
 from sijnode.synth import generate_mr_study
 from tests.conftest import free_port, require_tool
 from tests.nodes import node_settings, running_node, wait_for
-from tests.studies import dataset_part, encode
+from tests.studies import PRIVATE_NON_IMAGE, dataset_part, encode, private_non_image
 
 
 def _http(url: str, data: bytes | None = None) -> bytes:
@@ -117,3 +117,44 @@ def test_orthanc_pushes_a_study_to_sijnode(tmp_path: Path, orthanc) -> None:
                 return s.scalars(select(Job.state)).one()
 
         wait_for(lambda: job_state() == JobState.NO_MODEL)
+
+
+def test_orthanc_pushes_a_study_with_a_private_non_image_object(tmp_path: Path, orthanc) -> None:
+    """Issue 9.2: one Siemens CSA Non-Image object (private SOP class) in an MR study.
+
+    Every instance arrives and is stored, and the images are routed: the MR job reads the
+    image series only."""
+    base, _config, _ = orthanc
+    study = generate_mr_study(4, 1, positive=False, n_slices=12)
+    study_uid = str(study.datasets[0].StudyInstanceUID)
+    private = private_non_image(study_uid)
+    private.PatientID = study.datasets[0].PatientID  # the same patient, as Orthanc files it
+    private.PatientName = study.datasets[0].PatientName
+    datasets = [*study.datasets, private]
+    settings = node_settings(tmp_path, node={"allowed_calling_ae_titles": ["TESTPACS"]})
+    with running_node(settings) as node:
+        modality = json.dumps(
+            {"AET": "SIJNODE", "Host": "127.0.0.1", "Port": node.scp.port}
+        ).encode()
+        request = urllib.request.Request(f"{base}/modalities/sijnode", data=modality, method="PUT")
+        urllib.request.urlopen(request, timeout=30).read()
+        ids = {json.loads(_http(f"{base}/instances", encode(ds)))["ParentStudy"] for ds in datasets}
+        assert len(ids) == 1
+        answer = json.loads(_http(f"{base}/modalities/sijnode/store", ids.pop().encode()))
+        assert answer.get("FailedInstancesCount", 0) == 0, answer
+
+        def dispatched() -> bool:
+            with node.sessions() as s:
+                return s.scalars(select(Study.state)).first() == StudyState.DISPATCHED
+
+        wait_for(dispatched, timeout=30)
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+            job = s.scalars(select(Job)).one()
+        assert {r.sop_instance_uid for r in rows} == {str(ds.SOPInstanceUID) for ds in datasets}
+        by_uid = {r.sop_instance_uid: r for r in rows}
+        stored = by_uid[str(private.SOPInstanceUID)]
+        assert stored.sop_class_uid == PRIVATE_NON_IMAGE
+        assert dcmread(node.spool.path(stored.spool_path)).SOPClassUID == PRIVATE_NON_IMAGE
+        assert job.pipeline == "mr" and len(job.spool_paths) == len(study.datasets)
+        assert stored.spool_path not in job.spool_paths

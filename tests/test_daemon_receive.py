@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pynetdicom import AE
+from pydicom import dcmread
+from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select, text
 
@@ -23,8 +25,27 @@ from sijnode.db.schema import (
     StudyState,
 )
 from tests.conftest import require_tool
-from tests.nodes import count, node_settings, running_node, send, wait_for
-from tests.studies import dataset_part, encode, make_series, make_study, write
+from tests.nodes import (  # noqa: F401 - receive_mode: a fixture
+    count,
+    current_receive_mode,
+    node_settings,
+    receive_mode,
+    running_node,
+    send,
+    wait_for,
+)
+from tests.studies import (
+    PRIVATE_NON_IMAGE,
+    dataset_part,
+    encode,
+    make_series,
+    make_study,
+    private_non_image,
+    write,
+)
+
+# every test here runs in both receive modes (node.receive_mode)
+pytestmark = pytest.mark.usefixtures("receive_mode")
 
 
 def _study_state(node, uid: str) -> StudyState | None:
@@ -110,13 +131,13 @@ def test_calling_ae_title_not_allowed_is_rejected(tmp_path: Path) -> None:
     with running_node(settings) as node:
         ae = AE(ae_title="INTRUDER")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         assoc.release()
@@ -134,7 +155,7 @@ def test_source_address_not_allowed_is_rejected(tmp_path: Path) -> None:
     with running_node(settings) as node:
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)
@@ -156,7 +177,7 @@ def test_minimum_free_space_refuses_without_partial_files(tmp_path: Path) -> Non
         # the node is still up
         ae = AE()
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.send_c_echo().Status == 0
         assoc.release()
 
@@ -175,26 +196,63 @@ def tiny_filesystem(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def _send_until_aborted(datasets: list, port: int) -> list[int]:
+    """The status of each C-STORE, until the peer aborts the association."""
+    ae = AE(ae_title="TESTSCU")
+    ae.requested_contexts = StoragePresentationContexts[:100]
+    assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
+    assert assoc.is_established
+    statuses = []
+    for ds in datasets:
+        if not assoc.is_established:
+            break
+        rsp = assoc.send_c_store(ds)
+        if "Status" not in rsp:
+            break
+        statuses.append(int(rsp.Status))
+    if assoc.is_established:
+        assoc.release()
+    return statuses
+
+
 def test_full_filesystem_gives_failure_status_and_no_partial_files(
     tmp_path: Path, tiny_filesystem: Path
 ) -> None:
+    """Fast mode answers 0xA700 and keeps the association; in standard mode pynetdicom's
+    own file write fails and pynetdicom aborts the association. In both, every
+    acknowledged instance is complete, and no partial file survives (fast: at once;
+    standard: pynetdicom leaves it, start-up removes it)."""
     settings = node_settings(
         tmp_path, storage={"spool_dir": str(tiny_filesystem / "spool"), "min_free_mb": 0}
     )
     # 256×256 int16 ≈ 128 KiB per slice: the 1 MiB filesystem fills after a few
     study = make_series("enospc", "1.2.3.4", 1, 12, rows=256)
+    tmp = tiny_filesystem / "spool" / ".tmp"
     with running_node(settings) as node:
-        statuses = send(study, node.scp.port)
-        assert SUCCESS in statuses and OUT_OF_RESOURCES in statuses
+        statuses = _send_until_aborted(study, node.scp.port)
+        assert SUCCESS in statuses
+        if current_receive_mode() == "fast":
+            assert OUT_OF_RESOURCES in statuses and len(statuses) == len(study)
+            assert list(tmp.iterdir()) == []
+        else:
+            assert len(statuses) < len(study)  # aborted by pynetdicom
         stored = statuses.count(SUCCESS)
         assert count(node, Instance) == stored
         assert len(node.spool.iter_files()) == stored
-        assert list((tiny_filesystem / "spool" / ".tmp").iterdir()) == []
         # every acknowledged instance is complete and byte-identical
         with node.sessions() as s:
             for row in s.scalars(select(Instance)).all():
                 ds = next(d for d in study if str(d.SOPInstanceUID) == row.sop_instance_uid)
                 assert dataset_part(node.spool.read(row.spool_path)) == dataset_part(encode(ds))
+        # the node is still up
+        ae = AE()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    with running_node(settings, migrate=False) as node:
+        assert list(tmp.iterdir()) == []
+        assert count(node, Instance) == stored
 
 
 def test_invalid_uid_is_refused_and_node_stays_up(tmp_path: Path) -> None:
@@ -300,3 +358,222 @@ def test_reidentification_map_only_when_allowed(tmp_path: Path, allowed: bool) -
                 assert reidentify(s, study.patient_pseudonym) == ("patient", PATIENT_ID)
             else:
                 assert rows == []
+
+
+# -- issue 9: receiving, hardened --------------------------------------------------------
+
+
+def test_size_bytes_is_the_stored_size_also_for_one_pdu_data_sets(tmp_path: Path) -> None:
+    """Small data sets arrive in one PDU; their row records their real size."""
+    study = make_study("sizes", n=3)  # 32×32 int16: about 3 KB each, one PDU
+    big = make_series("sizes-big", str(study[0].StudyInstanceUID), 2, 1, rows=256)
+    with running_node(node_settings(tmp_path)) as node:
+        assert send(study + big, node.scp.port) == [SUCCESS] * 4
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+        assert len(rows) == 4
+        for row in rows:
+            assert row.size_bytes == node.spool.path(row.spool_path).stat().st_size > 0
+
+        def association_bytes() -> int | None:
+            with node.sessions() as s:
+                return s.scalars(select(Association.bytes_received)).one()
+
+        # the association's row is closed with its counts once it is released
+        wait_for(lambda: association_bytes() == sum(r.size_bytes for r in rows))
+
+
+def test_deflated_full_size_ct_slice_from_storescu(tmp_path: Path) -> None:
+    """``storescu -xd`` (Deflated Explicit VR Little Endian) with a 512² CT slice."""
+    from sijnode.synth import generate_ct_study
+
+    storescu = require_tool("storescu")
+    study = generate_ct_study(11, 1, positive=False, n_slices=2)
+    assert int(study.datasets[0].Rows) == 512
+    files = write(study.datasets, tmp_path / "deflated")
+    with running_node(node_settings(tmp_path)) as node:
+        proc = subprocess.run(
+            [storescu, "-xd", "-aec", "SIJNODE", "127.0.0.1", str(node.scp.port)]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+        assert len(rows) == 2
+        assert {r.transfer_syntax_uid for r in rows} == {"1.2.840.10008.1.2.1.99"}
+        sent = {str(ds.SOPInstanceUID): ds for ds in study.datasets}
+        for row in rows:
+            stored = dcmread(node.spool.path(row.spool_path))
+            assert stored.PixelData == sent[row.sop_instance_uid].PixelData
+
+
+def _echo(port: int, called: str = "SIJNODE", calling: str = "ECHOSCU") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _rejected(node: Any) -> list[Association]:
+    with node.sessions() as s:
+        return list(
+            s.scalars(
+                select(Association).where(Association.outcome == AssociationOutcome.REJECTED)
+            ).all()
+        )
+
+
+def test_called_ae_title_is_checked(tmp_path: Path) -> None:
+    with running_node(node_settings(tmp_path)) as node:
+        assoc = _echo(node.scp.port, called="SOMEONE-ELSE")
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+        (row,) = _rejected(node)
+        assert row.called_ae_title == "SOMEONE-ELSE"
+        assert "called AE title" in (row.reject_reason or "")
+        assoc = _echo(node.scp.port)
+        assert assoc.is_established
+        assoc.release()
+    relaxed = node_settings(tmp_path / "any", node={"accept_any_called_ae_title": True})
+    with running_node(relaxed) as node:
+        assoc = _echo(node.scp.port, called="ANY-SCP")
+        assert assoc.is_established
+        assoc.release()
+
+
+def test_association_limit_rejection_records_its_reason(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, node={"max_associations": 1})
+    with running_node(settings) as node:
+        first = _echo(node.scp.port)
+        assert first.is_established
+        second = _echo(node.scp.port, calling="SECOND")
+        assert second.is_rejected
+        rj = second.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        first.release()
+        (row,) = _rejected(node)
+        assert row.calling_ae_title == "SECOND"
+        assert row.reject_reason and "association limit of 1" in row.reject_reason
+        events = count(node, Event, Event.type == EventType.ASSOCIATION_REJECTED)
+        assert events == 1
+
+
+def test_the_default_association_limit_takes_an_ordinary_burst(tmp_path: Path) -> None:
+    """4 large and 10 small studies at once: 14 associations open together."""
+    with running_node(node_settings(tmp_path)) as node:
+        assert node.settings.node.max_associations >= 64
+        opened = [_echo(node.scp.port, calling=f"MOD{i}") for i in range(14)]
+        try:
+            assert all(a.is_established for a in opened)
+        finally:
+            for assoc in opened:
+                if assoc.is_established:
+                    assoc.release()
+        assert _rejected(node) == []
+
+
+def test_an_association_the_audit_cannot_record_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running_node(node_settings(tmp_path)) as node:
+        engine = node.sessions.kw["bind"]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE TRIGGER fail_association BEFORE INSERT ON associations "
+                    "BEGIN SELECT RAISE(ABORT, 'simulated audit failure'); END"
+                )
+            )
+        with caplog.at_level("ERROR", logger="sijnode.daemon.scp"):
+            assoc = _echo(node.scp.port)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x01, 0x01)
+        assert any("association refused" in r.getMessage() for r in caplog.records)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail_association"))
+        assert send(make_study("audit-back", n=1), node.scp.port) == [SUCCESS]
+
+
+def test_a_private_storage_class_is_stored_and_not_routed(tmp_path: Path) -> None:
+    """A private non-image SOP class is accepted and stored; routing ignores its series."""
+    study = make_study("private-class", n=4, modality="MR")
+    uid = str(study[0].StudyInstanceUID)
+    private = private_non_image(uid)
+    with running_node(node_settings(tmp_path)) as node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(PRIVATE_NON_IMAGE)
+        for cx in StoragePresentationContexts[:10]:
+            ae.add_requested_context(cx.abstract_syntax)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [private, *study]]
+        assoc.release()
+        assert statuses == [SUCCESS] * 5
+        wait_for(lambda: _study_state(node, uid) == StudyState.DISPATCHED)
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+        stored = {r.sop_instance_uid: r for r in rows}
+        assert stored[str(private.SOPInstanceUID)].sop_class_uid == PRIVATE_NON_IMAGE
+        assert dataset_part(
+            node.spool.read(stored[str(private.SOPInstanceUID)].spool_path)
+        ) == dataset_part(encode(private))
+        (job,) = _jobs(node)
+        assert job.pipeline == "mr" and len(job.spool_paths) == 4
+        assert stored[str(private.SOPInstanceUID)].spool_path not in job.spool_paths
+
+
+def test_a_study_of_only_private_objects_is_ignored_with_the_reason(tmp_path: Path) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.31337"
+    private = private_non_image(uid)
+    with running_node(node_settings(tmp_path)) as node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(PRIVATE_NON_IMAGE)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert int(assoc.send_c_store(private).Status) == SUCCESS
+        assoc.release()
+        wait_for(lambda: _study_state(node, uid) == StudyState.IGNORED)
+        with node.sessions() as s:
+            reason = s.scalars(select(Study.ignored_reason)).one()
+        assert f"SOP class {PRIVATE_NON_IMAGE}" in reason and "no pipeline reads" in reason
+
+
+def test_a_connection_lost_mid_commit_answers_out_of_resources(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL ends the node's connection inside COMMIT (a deferred trigger that
+    terminates its own backend): 0xA700 and a clean log line, no traceback; nothing
+    stored, and the next instance is stored on a new connection."""
+    settings = node_settings(tmp_path, db_url=pg_url, completion={"quiet_seconds": 600})
+    with running_node(settings) as node:
+        assert send(make_study("commit-ok", n=1), node.scp.port) == [SUCCESS]
+        engine = node.sessions.kw["bind"]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE FUNCTION end_my_connection() RETURNS trigger AS $$ BEGIN "
+                    "PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END "
+                    "$$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE CONSTRAINT TRIGGER lose_connection AFTER INSERT ON instances "
+                    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                    "EXECUTE FUNCTION end_my_connection()"
+                )
+            )
+        with caplog.at_level("INFO"):
+            statuses = send(make_study("commit-lost", n=1), node.scp.port)
+        assert statuses == [OUT_OF_RESOURCES]
+        assert not [r for r in caplog.records if r.exc_info], "no traceback in the log"
+        assert any(r.getMessage() == "instance refused" for r in caplog.records)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER lose_connection ON instances"))
+        assert send(make_study("commit-back", n=1), node.scp.port) == [SUCCESS]
+        assert count(node, Instance) == 2
+        assert len(node.spool.iter_files()) == 2

@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import func, select
@@ -30,7 +31,14 @@ from sijnode.db.schema import (
     StudyState,
 )
 from tests.conftest import free_port, require_tool
-from tests.nodes import node_settings, running_node, send, wait_for
+from tests.nodes import (  # noqa: F401 - receive_mode: a fixture
+    current_receive_mode,
+    node_settings,
+    receive_mode,
+    running_node,
+    send,
+    wait_for,
+)
 from tests.studies import dataset_part, encode, make_series, make_study, write
 
 SIJNODE = str(Path(sys.executable).parent / "sijnode")
@@ -51,6 +59,7 @@ def _serve(
             "SIJNODE_COMPLETION__QUIET_SECONDS": str(quiet),
             "SIJNODE_COMPLETION__CONTENT_QUIET_SECONDS": str(quiet),
             "SIJNODE_COMPLETION__CHECK_INTERVAL_SECONDS": "0.2",
+            "SIJNODE_NODE__RECEIVE_MODE": current_receive_mode(),
             **extra,
         }
     )
@@ -61,7 +70,7 @@ def _serve(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp_path / log_name).read_text()
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
         if assoc.is_established:
             assoc.release()
             return proc
@@ -70,6 +79,7 @@ def _serve(
     raise AssertionError("sijnode serve did not start listening")
 
 
+@pytest.mark.usefixtures("receive_mode")
 def test_kill_9_mid_transfer_then_restart(tmp_path: Path) -> None:
     upgrade(f"sqlite:///{tmp_path / 'audit.db'}")
     port = free_port()
@@ -80,7 +90,7 @@ def test_kill_9_mid_transfer_then_restart(tmp_path: Path) -> None:
     def sender() -> None:
         ae = AE(ae_title="MODALITY")
         ae.requested_contexts = StoragePresentationContexts[:50]
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
         for ds in series:
             try:
                 rsp = assoc.send_c_store(ds)

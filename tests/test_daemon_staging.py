@@ -171,33 +171,31 @@ def test_each_c_store_is_answered_once_on_the_reader_thread(tmp_path: Path) -> N
         node.stop()
 
 
-def test_a_failed_reader_thread_answer_falls_back_to_the_handler(tmp_path: Path) -> None:
+def test_a_failed_reader_thread_answer_falls_back_to_the_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If sending the response fails on the reader thread, the handler answers once."""
+    from sijnode.daemon.dimse import fastpath
+
     settings = node_settings(tmp_path)
     upgrade(settings.database.url)
     node = Node(settings)
     handled: list[int] = []
     fallback = node.scp.handle_store
-    received = node.scp._on_dimse_received
     failures = iter([True, False, False])
+    answer = fastpath.answer
 
     def counting(event: evt.Event) -> int:
         handled.append(1)
         return fallback(event)
 
-    def flaky(event: evt.Event) -> None:
+    def flaky(event: Any, status: int) -> bool:
         if next(failures, False):
-            socket = event.assoc.dul.socket
-
-            def broken(*args: Any) -> None:
-                del socket.send  # back to the class's method
-                raise RuntimeError("simulated failure before the response")
-
-            socket.send = broken
-        received(event)
+            raise RuntimeError("simulated failure before the response")
+        return answer(event, status)
 
     node.scp.handle_store = counting  # type: ignore[method-assign]
-    node.scp._on_dimse_received = flaky  # type: ignore[method-assign]
+    monkeypatch.setattr(fastpath, "answer", flaky)
     node.start()
     try:
         study = make_study("fallback", n=3)
@@ -308,7 +306,7 @@ def test_c_store_response_pdu_decodes_as_pynetdicom_expects() -> None:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu import P_DATA_TF
 
-    from sijnode.daemon.response import encode_c_store_rsp
+    from sijnode.daemon.dimse.fastpath import encode_c_store_rsp
 
     for sop_uid, status in (("1.2.3.4", 0x0000), ("1.2.840.10008.55", 0xA700)):
         pdu_bytes = encode_c_store_rsp(7, 4242, "1.2.840.10008.5.1.4.1.1.2", sop_uid, status)
@@ -416,3 +414,22 @@ def test_optimistic_path_falls_back_for_duplicates_and_conflicts(
         assert count(node, Event, Event.type == EventType.INSTANCE_DUPLICATE) == 4
         assert count(node, Instance, Instance.conflict.is_(True)) == 2
         assert count(node, Instance, Instance.association_id.is_(None)) == 0
+
+
+def test_the_writeback_call_is_looked_up_on_first_use_not_at_import() -> None:
+    """Importing the staging module runs no ctypes library lookup (issue 8.5)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes.util\n"
+        "calls = []\n"
+        "real = ctypes.util.find_library\n"
+        "ctypes.util.find_library = lambda name: calls.append(name) or real(name)\n"
+        "import sijnode.daemon.staging as staging\n"
+        "assert calls == [], calls\n"
+        "staging.start_writeback(0, 0, 0)\n"
+        "assert calls == ['c'], calls\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

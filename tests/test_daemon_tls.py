@@ -12,8 +12,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from sijnode.daemon.scp import SUCCESS
 from tests.conftest import require_tool
-from tests.nodes import node_settings, running_node, send
+from tests.nodes import node_settings, receive_mode, running_node, send  # noqa: F401 - receive_mode: a fixture
 from tests.studies import make_study
+
+# every test here runs in both receive modes (node.receive_mode)
+pytestmark = pytest.mark.usefixtures("receive_mode")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -103,7 +106,9 @@ def _echo(port: int, ctx: ssl.SSLContext | None) -> bool:
     ae = AE(ae_title="TLSSCU")
     ae.acse_timeout = ae.network_timeout = 5
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, tls_args=(ctx, "127.0.0.1") if ctx else None)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="SIJNODE", tls_args=(ctx, "127.0.0.1") if ctx else None
+    )
     if not assoc.is_established:
         return False
     ok = assoc.send_c_echo().Status == 0
@@ -138,6 +143,8 @@ def test_dcmtk_echoscu_over_tls(tmp_path: Path, pki: Path) -> None:
                 str(pki / "client.pem"),
                 "+cf",
                 str(pki / "ca.pem"),
+                "-aec",
+                "SIJNODE",
                 "127.0.0.1",
                 str(node.scp.port),
             ],
@@ -146,3 +153,32 @@ def test_dcmtk_echoscu_over_tls(tmp_path: Path, pki: Path) -> None:
             timeout=30,
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_failed_handshakes_are_recorded_as_refused_associations(tmp_path: Path, pki: Path) -> None:
+    """A plain association and a client without a certificate (mutual TLS): a log line
+    and a refused association with the reason, each; the node keeps serving."""
+    from sqlalchemy import select
+
+    from sijnode.db.schema import Association, AssociationOutcome, Event, EventType
+    from tests.nodes import count, wait_for
+
+    with running_node(_tls_settings(tmp_path, pki, mutual=True)) as node:
+        assert not _echo(node.scp.port, None)
+        assert not _echo(node.scp.port, _client_context(pki, with_cert=False))
+
+        def refused() -> list[Association]:
+            with node.sessions() as s:
+                return list(
+                    s.scalars(
+                        select(Association).where(
+                            Association.outcome == AssociationOutcome.REJECTED
+                        )
+                    ).all()
+                )
+
+        rows = wait_for(lambda: len(refused()) == 2 and refused())
+        assert all(r.tls and r.peer_address == "127.0.0.1" for r in rows)
+        assert all((r.reject_reason or "").startswith("TLS handshake failed: ") for r in rows)
+        assert count(node, Event, Event.type == EventType.ASSOCIATION_REJECTED) == 2
+        assert _echo(node.scp.port, _client_context(pki, with_cert=True))

@@ -82,7 +82,7 @@ def test_real_run_then_audit_queries_without_identifiers(tmp_path: Path, db_url:
         ae.add_requested_context("1.2.840.10008.1.1")
 
         def listening() -> bool:
-            assoc = ae.associate("127.0.0.1", port)
+            assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
             up = bool(assoc.is_established)
             if up:
                 assoc.release()

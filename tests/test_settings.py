@@ -428,7 +428,7 @@ host = "pacs.local"
     assert s.data_dir == Path("/srv/sijnode")
     assert (s.node.ae_title, s.node.port) == ("FILEAE", 11113)
     assert s.node.allowed_addresses == ["10.0.0.0/8"]
-    assert s.node.max_associations == 10  # untouched keys of a section keep their default
+    assert s.node.max_associations == 64  # untouched keys of a section keep their default
     assert s.broker.url == "redis://redis:6379/0"
     assert s.pipelines["ct"].checkpoint == Path("/models/ct.pt")
     assert s.pipelines["ct"].threshold == 0.42

@@ -7,6 +7,7 @@ attributes become None. Patient identifiers are read only to be pseudonymised.
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass
 
 from pydicom import dcmread
@@ -17,7 +18,17 @@ from pydicom.multival import MultiValue
 from sijnode.errors import InvalidInstanceError
 from sijnode.uids import is_valid_uid
 
-READ_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError)
+# What pydicom raises on a damaged or cut-short instance (zlib.error: a deflated data set
+# whose stream ends early, e.g. only the head of a large instance).
+READ_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    OSError,
+    zlib.error,
+)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,14 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
 from sijnode.daemon.keys import InstanceKeys, read_keys
 from sijnode.daemon.spool import Spool, content_hash
-from sijnode.daemon.staging import HEAD_BYTES, StagedFile, open_staged
+from sijnode.daemon.staging import HEAD_BYTES, StagedFile, adopt_staged, open_staged
 from sijnode.db.engine import transaction
 from sijnode.db.instances import (
     IngestOutcome,
@@ -72,6 +73,10 @@ class Ingestor:
     def staged_file(self) -> StagedFile:
         """A new file in the spool's temporary directory for a data set about to arrive."""
         return open_staged(self.spool, self._helpers)
+
+    def adopted_file(self, path: Path) -> StagedFile:
+        """A data set pynetdicom received into ``path`` itself (the standard receive mode)."""
+        return adopt_staged(self.spool, self._helpers, path)
 
     def ingest(
         self,

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 
 from sijnode.daemon.header import READ_ERRORS, geometry
 from sijnode.errors import InvalidInstanceError
@@ -72,11 +78,9 @@ def _past_keys(tag: int, vr: str | None, length: int) -> bool:
 _LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
 _WANTED = frozenset(_KEY_TAGS)
+# A deflated data set is inflated no further than this for its keys (PS3.5 §A.5).
+_INFLATED_BYTES = 256 * 1024
 
 
 def _walk(
@@ -121,8 +125,11 @@ def _scan(data: bytes) -> tuple[dict[int, bytes], str] | None:
 
     Little endian, explicit or implicit VR (the native and all encapsulated syntaxes),
     with every element before (0020,1209) of defined length: a walk over element
-    headers, as PS3.10 §7 and PS3.5 §7.1 lay the file out. Anything else (big endian,
-    deflated, undefined lengths, a header longer than ``data``) goes to pydicom.
+    headers, as PS3.10 §7 and PS3.5 §7.1 lay the file out. A deflated data set
+    (PS3.5 §A.5) is inflated from the head onwards, as far as the keys need: ``data``
+    may be only the first bytes of a large instance, so the stream is not complete.
+    Anything else (big endian, undefined lengths, a header longer than ``data``) goes to
+    pydicom.
     """
     if len(data) < 144 or data[128:132] != b"DICM":
         return None
@@ -130,12 +137,26 @@ def _scan(data: bytes) -> tuple[dict[int, bytes], str] | None:
     if meta is None or 0x00020010 not in meta[0]:
         return None
     syntax = meta[0][0x00020010].rstrip(b"\x00 ").decode("ascii", "replace")
-    if syntax == _BIG_ENDIAN or syntax in _DEFLATED:
+    if syntax == ExplicitVRBigEndian:
         return None
-    walked = _walk(data, meta[1], syntax == _IMPLICIT_LE, _WANTED, _IN_SERIES)
+    start = meta[1]
+    if syntax == DeflatedExplicitVRLittleEndian:
+        inflated = _inflate(data[start:])
+        if inflated is None:
+            return None
+        data, start = inflated, 0
+    walked = _walk(data, start, syntax == ImplicitVRLittleEndian, _WANTED, _IN_SERIES)
     if walked is None:
         return None
     return walked[0], syntax
+
+
+def _inflate(deflated: bytes) -> bytes | None:
+    """The leading bytes of a raw deflate stream (RFC 1951), which may be cut short."""
+    try:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(deflated, _INFLATED_BYTES)
+    except zlib.error:
+        return None
 
 
 def _read_with_pydicom(data: bytes) -> tuple[dict[int, Any], str]:

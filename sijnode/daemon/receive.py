@@ -1,90 +1,81 @@
-"""How the listener hooks into pynetdicom's receive path (pynetdicom 3.0).
+"""How the listener receives C-STORE data sets: the fast path or pynetdicom's standard way.
 
-- **Chunked receive** (``_config.STORE_RECV_CHUNKED_DATASET``): pynetdicom writes each
-  C-STORE data set to a file as its fragments arrive; the file factory below gives it a
-  :class:`~sijnode.daemon.staging.StagedFile` in the listener's spool instead of /tmp.
-- **File meta** of received instances encoded directly (:mod:`sijnode.daemon.filemeta`).
-- **Answered requests** kept off the association thread (:class:`UnansweredRequests`):
-  the listener answers C-STOREs on the reader thread.
-- pynetdicom's standard debug-log handlers are unbound; the node logs for itself.
+``node.receive_mode`` chooses (docs/receiving.md):
 
-These touch pynetdicom module globals and attributes, so pyproject pins pynetdicom to
-3.0.x; the receive tests fail loudly if a release changes them.
+- ``fast`` (the default): :mod:`sijnode.daemon.dimse.fastpath`. Each data set is written
+  into the spool while its fragments arrive and answered on the reader thread. If the
+  installed pynetdicom is not the one the fast path was written for, it logs one warning
+  and the listener receives in the standard mode instead.
+- ``standard``: only pynetdicom's documented API. Its chunked receive
+  (``_config.STORE_RECV_CHUNKED_DATASET``) writes each data set to a temporary file, in the
+  spool's temporary directory (``tempfile.tempdir``) so that publishing it is a rename on
+  the same filesystem; the C-STORE handler takes it over (``event.dataset_path``) and
+  pynetdicom answers with the status it returns. These two are process-wide settings
+  (a documented pynetdicom configuration option and Python's documented default temporary
+  directory), set while a listener runs and restored when the last one stops.
+
+Both modes accept every storage SOP class, private ones included
+(:mod:`sijnode.daemon.dimse.sop_classes`).
+
+The durability rules are the same in both modes (:mod:`sijnode.daemon.ingest`).
 """
 
 from __future__ import annotations
 
-import queue
 import tempfile
 import threading
-import weakref
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal
 
-import pynetdicom.dimse_messages
 from pynetdicom import AE, _config
-from pynetdicom.association import Association
 
-from sijnode.daemon import filemeta
-from sijnode.daemon.staging import StagedFile
+from sijnode.daemon.dimse import fastpath
 
+ReceiveMode = Literal["fast", "standard"]
 
-class Listener(Protocol):
-    """What the factory needs of the listener."""
-
-    def staged_file(self, assoc: Association) -> StagedFile: ...
+_LOCK = threading.Lock()
+_standard_users = 0
+_standard_saved: dict[str, Any] = {}
 
 
-# Listeners by their AE, for the chunked-receive file factory below.
-_LISTENERS: weakref.WeakKeyDictionary[AE, Listener] = weakref.WeakKeyDictionary()
-_DEFAULT_TEMPORARY_FILE = tempfile.NamedTemporaryFile
+def start_receiving(
+    ae: AE, listener: fastpath.Listener, mode: ReceiveMode, tmp_dir: Path
+) -> ReceiveMode:
+    """Set up ``ae``'s receive path; return the mode in effect."""
+    if mode == "fast" and fastpath.install(ae, listener):
+        return "fast"
+    _standard_on(tmp_dir)
+    return "standard"
 
 
-def _chunk_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's file for a received data set: a spool StagedFile for sijnode's AEs.
-
-    pynetdicom creates it on the association's reader thread (its DUL, which knows the
-    association); any other AE in the process keeps pynetdicom's own temporary file.
-    """
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    listener = _LISTENERS.get(assoc.ae) if assoc is not None else None
-    if assoc is None or listener is None:
-        return _DEFAULT_TEMPORARY_FILE(*args, **kwargs)
-    return listener.staged_file(assoc)
+def stop_receiving(ae: AE, mode: ReceiveMode) -> None:
+    """Undo :func:`start_receiving` (the listener's server has stopped)."""
+    if mode == "fast":
+        fastpath.uninstall(ae)
+    else:
+        _standard_off()
 
 
-def receive_into_spool(ae: AE, listener: Listener) -> None:
-    """Have ``listener`` receive ``ae``'s data sets into its spool (idempotent).
-
-    Switches pynetdicom to chunked receive with the factory above.
-
-    Also unbinds pynetdicom's standard log handlers, which format every PDU and DIMSE
-    message for its debug log (the node writes its own structured log lines instead), and
-    encodes the file meta of received instances directly (:mod:`sijnode.daemon.filemeta`).
-    """
-    _LISTENERS[ae] = listener
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    pynetdicom.dimse_messages.NamedTemporaryFile = _chunk_file
-    # the same file meta bytes, without a pydicom data set per instance (filemeta.py)
-    pynetdicom.dimse_messages.create_file_meta = filemeta.create_file_meta  # type: ignore[assignment]  # read only by the writer below
-    pynetdicom.dimse_messages.write_file_meta_info = filemeta.write_file_meta_info
+def _standard_on(tmp_dir: Path) -> None:
+    global _standard_users
+    with _LOCK:
+        if _standard_users == 0:
+            _standard_saved.update(
+                chunked=_config.STORE_RECV_CHUNKED_DATASET, tempdir=tempfile.tempdir
+            )
+            # pynetdicom's documented configuration option for chunked receive
+            _config.STORE_RECV_CHUNKED_DATASET = True
+            tempfile.tempdir = str(tmp_dir)
+        _standard_users += 1
 
 
-class UnansweredRequests(queue.Queue[Any]):
-    """An association's queue of received DIMSE messages, without answered C-STOREs.
-
-    pynetdicom queues every decoded request for the association thread; a C-STORE the
-    reader thread has already answered (``StorageSCP._on_dimse_received``) must not be
-    answered twice, so it is dropped here.
-    """
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        staged = getattr(item[1], "_dataset_file", None)
-        if isinstance(staged, StagedFile) and staged.answered:
+def _standard_off() -> None:
+    global _standard_users
+    with _LOCK:
+        if _standard_users == 0:
             return
-        super().put(item, block, timeout)
-
-
-def stop_receiving(ae: AE) -> None:
-    """Forget ``ae``'s listener (its server has stopped)."""
-    _LISTENERS.pop(ae, None)
+        _standard_users -= 1
+        if _standard_users == 0:
+            _config.STORE_RECV_CHUNKED_DATASET = _standard_saved["chunked"]
+            tempfile.tempdir = _standard_saved["tempdir"]
+            _standard_saved.clear()

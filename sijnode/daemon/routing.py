@@ -4,15 +4,36 @@ Routes are tried in the order of the settings. A route picks, among the series t
 all of its criteria, the one with the most instances (ties: the lowest SeriesNumber),
 because each pipeline reads one series. A study may match several routes (one job each);
 a study that matches none is ignored with the reasons recorded.
+
+The listener stores every storage SOP class it is sent, private and non-image ones too
+(Siemens CSA Non-Image, presentation states, reports). A series none of whose instances
+is of a SOP class a pipeline reads (:data:`PIPELINE_SOP_CLASSES`) is never selected; the
+reason is logged, and recorded with the study when it is ignored.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sijnode.db.schema import Series
+from pydicom.uid import CTImageStorage, MRImageStorage
+from sqlalchemy import select
+from sqlalchemy.orm import object_session
+
+from sijnode.db.schema import Instance, Series
+from sijnode.logs import fields
 from sijnode.settings import RouteSettings
+
+log = logging.getLogger(__name__)
+
+#: The SOP classes each pipeline reads: single-frame slices (PROTOCOLS.md; the CT
+#: pipeline classifies axial CT slices, the MR pipeline a stack of MR slices).
+PIPELINE_SOP_CLASSES: dict[str, frozenset[str]] = {
+    "ct": frozenset({str(CTImageStorage)}),
+    "mr": frozenset({str(MRImageStorage)}),
+}
+_READ_BY_ANY = frozenset().union(*PIPELINE_SOP_CLASSES.values())
 
 
 @dataclass(frozen=True)
@@ -27,10 +48,21 @@ class SeriesFacts:
     image_type: str | None
     orientation: str | None
     instances: int
+    #: The SOP classes of the series' instances (empty: not known).
+    sop_classes: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def of(cls, series: Series, instances: int) -> SeriesFacts:
-        """Facts of a series row with its count of distinct instances."""
+        """Facts of a series row with its count of distinct instances (and, if the row
+        is attached to a session, the SOP classes of its instances)."""
+        session = object_session(series)
+        classes: frozenset[str] = frozenset()
+        if session is not None:
+            classes = frozenset(
+                session.scalars(
+                    select(Instance.sop_class_uid).where(Instance.series_id == series.id).distinct()
+                ).all()
+            )
         return cls(
             series.series_instance_uid,
             series.modality,
@@ -40,7 +72,20 @@ class SeriesFacts:
             series.image_type,
             series.orientation,
             instances,
+            classes,
         )
+
+    def unread(self, pipeline: str) -> str | None:
+        """Why ``pipeline`` cannot read this series' SOP classes, or None if it can."""
+        if not self.sop_classes:
+            return None
+        names = ", ".join(sorted(self.sop_classes))
+        if not self.sop_classes & _READ_BY_ANY:
+            return f"SOP class {names}: no pipeline reads it (a non-image or private object)"
+        wanted = PIPELINE_SOP_CLASSES.get(pipeline)
+        if wanted is not None and not self.sop_classes & wanted:
+            return f"SOP class {names} is not read by the {pipeline} pipeline"
+        return None
 
 
 @dataclass(frozen=True)
@@ -53,6 +98,9 @@ class RouteMatch:
 
 def mismatch(route: RouteSettings, facts: SeriesFacts) -> str | None:
     """Why ``facts`` fails ``route``, or None if it matches."""
+    unread = facts.unread(route.pipeline)
+    if unread is not None:
+        return unread
     if (facts.modality or "").upper() != route.modality.upper():
         return f"modality {facts.modality or 'missing'} is not {route.modality}"
     if route.body_part and (facts.body_part_examined or "").upper() not in {
@@ -80,6 +128,15 @@ def route_study(
     """Return the matches, and for an unmatched study the reasons per route and series."""
     matches: list[RouteMatch] = []
     reasons: list[str] = []
+    for facts in series:
+        if facts.sop_classes and not facts.sop_classes & _READ_BY_ANY:
+            log.info(
+                "series not routed",
+                extra=fields(
+                    series_instance_uid=facts.series_instance_uid,
+                    reason=facts.unread(""),
+                ),
+            )
     for route in routes:
         candidates = []
         for facts in series:

@@ -108,9 +108,11 @@ class Spool:
     def remove_partial_files(self) -> int:
         """Delete leftovers of writes interrupted by a crash; they were never acknowledged."""
         count = 0
-        for path in (self.root / TMP_DIR).glob("*.part"):
-            path.unlink(missing_ok=True)
-            count += 1
+        # *.part: the fast path's; tmp*.dcm: pynetdicom's own (the standard receive mode)
+        for path in (self.root / TMP_DIR).iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                count += 1
         return count
 
 

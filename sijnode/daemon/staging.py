@@ -11,6 +11,9 @@ nothing is decoded or re-encoded.
 A failure while receiving (a full disk) never raises into pynetdicom, which would abort the
 association: it is kept in :attr:`StagedFile.error` and the C-STORE handler answers with a
 failure status instead.
+
+In the standard receive mode pynetdicom writes the file itself; :func:`adopt_staged` takes
+it over (hashing it once) so that it is sealed and published by the same rules.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import os
 import threading
@@ -38,6 +42,8 @@ SMALL_BYTES = 16 * 1024
 _MAX_PIECES = 64
 # Written bytes are queued for writeback once this many have gathered.
 WRITEBACK_BYTES = 128 * 1024
+# Read size when a file written by pynetdicom is taken over (standard receive mode).
+_READ_BYTES = 1024 * 1024
 
 
 def _writeback_starter() -> Callable[[int, int, int], object]:
@@ -56,7 +62,15 @@ def _writeback_starter() -> Callable[[int, int, int], object]:
     return lambda fd, offset, length: call(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
-start_writeback = _writeback_starter()
+@functools.cache
+def _writeback() -> Callable[[int, int, int], object]:
+    """The writeback call, looked up on first use (not at import time)."""
+    return _writeback_starter()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> object:
+    """Start writing ``length`` bytes of ``fd`` from ``offset`` out; do not wait."""
+    return _writeback()(fd, offset, length)
 
 
 class StagedFile:
@@ -67,10 +81,18 @@ class StagedFile:
     the final fsync on ``helpers``.
     """
 
-    def __init__(self, path: Path, helpers: Executor, error: SpoolError | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        helpers: Executor,
+        error: SpoolError | None = None,
+        *,
+        existing: bool = False,
+    ) -> None:
         self.path = path
         self.name = str(path)
         self.file = self
+        # Bytes received (written or waiting to be written): the instance's size.
         self.size = 0
         self.error = error
         # Set by the listener once the finished data set has been ingested (or failed).
@@ -86,9 +108,12 @@ class StagedFile:
         self._waiting: list[bytes] = []
         self._waiting_bytes = 0
         self._queued = 0  # bytes already queued for writeback
+        self._written = 0  # bytes written to the file
         self._lock = threading.Lock()
         self._fd: int | None = None
-        if error is None:
+        if existing:
+            self._take_over()
+        elif error is None:
             try:
                 self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             except OSError as exc:
@@ -105,6 +130,7 @@ class StagedFile:
         if self.error is None and self._fd is not None:
             self._waiting.append(chunk)
             self._waiting_bytes += len(chunk)
+            self.size += len(chunk)
             if self._waiting_bytes >= SMALL_BYTES or len(self._waiting) >= _MAX_PIECES:
                 self._write_waiting()
         return len(chunk)
@@ -126,10 +152,29 @@ class StagedFile:
         for piece in pieces:
             # SHA-256 releases the GIL; here it costs less than a hand-off would
             self._digest.update(piece)
-        self.size += total
-        if self.size - self._queued >= WRITEBACK_BYTES:
-            start_writeback(self._fd, self._queued, self.size - self._queued)
-            self._queued = self.size
+        self._written += total
+        if self._written - self._queued >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._queued, self._written - self._queued)
+            self._queued = self._written
+
+    def _take_over(self) -> None:
+        """Read a file written by someone else once: its hash, head and size."""
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            while chunk := os.read(self._fd, _READ_BYTES):
+                if len(self._head) < HEAD_BYTES:
+                    self._head += chunk[: HEAD_BYTES - len(self._head)]
+                self._digest.update(chunk)
+                self.size += len(chunk)
+        except OSError as exc:
+            self.error = spool_error(exc, "a received instance")
+        self._written = self.size
+
+    @classmethod
+    def adopt(cls, path: Path, helpers: Executor) -> StagedFile:
+        """A complete data set that pynetdicom wrote to ``path`` (the standard receive
+        mode): read once for its hash, then sealed, published or discarded like any."""
+        return cls(path, helpers, existing=True)
 
     def flush(self) -> None:
         """Nothing to do: every fragment is written through (pynetdicom calls this)."""
@@ -190,6 +235,33 @@ class StagedFile:
         """Close and remove the temporary file: it will not be published."""
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def adopt_staged(spool: Spool, helpers: Executor, path: Path) -> StagedFile:
+    """The data set pynetdicom wrote to ``path`` (standard mode), as a StagedFile.
+
+    pynetdicom writes it in the spool's temporary directory (``tempfile.tempdir``, see
+    :mod:`sijnode.daemon.receive`), so it is taken over where it is; a file elsewhere (the
+    default temporary directory was changed meanwhile) is copied in first. Below the
+    spool's minimum free space the instance is refused, as on the fast path.
+    """
+    tmp = (spool.root / TMP_DIR).resolve()
+    if path.resolve().parent != tmp:
+        staged = open_staged(spool, helpers)
+        try:
+            with path.open("rb") as fh:
+                while chunk := fh.read(_READ_BYTES):
+                    staged.write(chunk)
+        except OSError as exc:
+            staged.error = staged.error or spool_error(exc, "a received instance")
+        return staged
+    staged = StagedFile.adopt(path, helpers)
+    if staged.error is None:
+        try:
+            spool.check_free_space(0)
+        except DiskFullError as exc:
+            staged.error = exc
+    return staged
 
 
 def open_staged(spool: Spool, helpers: Executor) -> StagedFile:
