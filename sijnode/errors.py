@@ -47,3 +47,7 @@ class DispatchError(SijnodeError):
 
 class NoModelError(SijnodeError):
     """No model is configured for the pipeline a job needs."""
+
+
+class ReportError(SijnodeError):
+    """A result could not be turned into valid DICOM outputs (SR, secondary captures, KOS)."""
