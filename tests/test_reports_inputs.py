@@ -9,6 +9,9 @@ only that these inputs are what the report tests assume.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from sijnode.models.result import (
     SliceResult,
 )
 from sijnode.synth import SynthStudy, generate_ct_study, generate_mr_study, write_study
+from tests.conftest import require_tool
 
 SEED = 20240611
 #: Half size of the box around the heatmap peak, in pixels.
@@ -181,3 +185,52 @@ def test_inputs_are_consistent(tmp_path: Path) -> None:
             r = e.peak_region
             assert r.column0 <= column < r.column1 and r.row0 <= row < r.row1
             assert e.heatmap.max() == 255
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What ``dciodvfy`` said about one file."""
+
+    errors: list[str]
+    warnings: list[str]
+
+
+def dciodvfy(path: Path) -> Validation:
+    """Run dicom3tools' ``dciodvfy`` on ``path`` and sort its lines (it exits 0 either way)."""
+    tool = require_tool("dciodvfy")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, check=False)
+    lines = (run.stdout + run.stderr).splitlines()
+    return Validation(
+        errors=[line for line in lines if line.startswith("Error")],
+        warnings=[line for line in lines if line.startswith("Warning")],
+    )
+
+
+def assert_valid(paths: list[Path]) -> dict[str, list[str]]:
+    """Zero dciodvfy errors on every file; returns the warnings per file (for the report)."""
+    errors = {p.name: v.errors for p in paths if (v := dciodvfy(p)).errors}
+    assert errors == {}, errors
+    return {p.name: w for p in paths if (w := dciodvfy(p).warnings)}
+
+
+def assert_round_trip(ds: Dataset, path: Path) -> Dataset:
+    """``ds`` written to ``path`` reads back with the same elements and the same meta."""
+    ds.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+    assert [e.tag for e in back] == [e.tag for e in ds]
+    assert _comparable(back) == _comparable(ds)
+    return back
+
+
+def _comparable(ds: Dataset) -> dict[str, object]:
+    """The dataset as DICOM JSON (PS3.18 F.2), binary values replaced by their hash."""
+    data = ds.to_json_dict(
+        bulk_data_threshold=1,
+        bulk_data_element_handler=lambda e: hashlib.sha256(e.value).hexdigest(),
+    )
+    text = json.dumps(data, default=str, sort_keys=True)  # DA, DT, TM values as written
+    loaded: dict[str, object] = json.loads(text)
+    return loaded

@@ -59,6 +59,11 @@ class SRContent:
     institution_name: str = ""
 
 
+def probability_value(value: float) -> float:
+    """A probability rounded to 6 decimals, so the DS written (≤ 16 chars) equals the value."""
+    return round(float(value), 6)
+
+
 def algorithm_identification(result: PipelineResult) -> hd.sr.AlgorithmIdentification:
     """TID 4019 from the model spec: name, version, manufacturer, family and parameters.
 
@@ -157,7 +162,9 @@ def build_measurement_report(
         finding_sites=finding_sites(finding, result.laterality),
         measurements=[
             hd.sr.Measurement(
-                name=codes.PROBABILITY, value=float(result.probability), unit=codes.NO_UNITS
+                name=codes.PROBABILITY,
+                value=probability_value(result.probability),
+                unit=codes.NO_UNITS,
             )
         ],
         qualitative_evaluations=[
@@ -192,7 +199,9 @@ def build_measurement_report(
                 finding_sites=finding_sites(finding, explanation.laterality),
                 measurements=[
                     hd.sr.Measurement(
-                        name=codes.PROBABILITY, value=float(explanation.score), unit=codes.NO_UNITS
+                        name=codes.PROBABILITY,
+                        value=probability_value(explanation.score),
+                        unit=codes.NO_UNITS,
                     )
                 ],
                 qualitative_evaluations=[
