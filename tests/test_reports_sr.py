@@ -91,7 +91,7 @@ def test_sr_is_a_new_series_in_the_original_study(case: Case, bundle: ReportBund
     assert sr.SOPClassUID == ComprehensiveSRStorage
     assert sr.Modality == "SR"
     for keyword in PATIENT_MODULE + STUDY_MODULE:
-        assert sr.get(keyword) == source.get(keyword), keyword
+        assert str(sr.get(keyword)) == str(source.get(keyword)), keyword
     assert sr.StudyInstanceUID == case.result.study_instance_uid
     assert sr.SeriesInstanceUID not in {h.SeriesInstanceUID for h in case.headers}
     assert sr.SeriesDescription == SR_SERIES_DESCRIPTION

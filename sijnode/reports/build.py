@@ -74,9 +74,9 @@ class ReportBundle:
                 continue
             ds = copy.deepcopy(sc)
             if transfer_syntax_uid == JPEGLSLossless and current == ExplicitVRLittleEndian:
-                ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
+                ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls", generate_instance_uid=False)
             elif transfer_syntax_uid == ExplicitVRLittleEndian and current == JPEGLSLossless:
-                ds.decompress()
+                ds.decompress(generate_instance_uid=False)
             else:
                 raise ReportError(
                     f"expected {ExplicitVRLittleEndian} or {JPEGLSLossless} for the captures, "
