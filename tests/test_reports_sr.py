@@ -7,6 +7,7 @@ checked for placement, references, codes and deterministic UIDs.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +23,16 @@ from sijnode.errors import ReportError
 from sijnode.models.result import Decision
 from sijnode.reports import codes
 from sijnode.reports.build import ReportBundle, build_outputs
-from sijnode.reports.sr import SR_SERIES_DESCRIPTION, predecessor_reference
+from sijnode.reports.sr import (
+    SR_SERIES_DESCRIPTION,
+    SRContent,
+    build_measurement_report,
+    encode_sr,
+    predecessor_reference,
+)
+from sijnode.reports.uids import JobUIDs
 from sijnode.settings import Settings
+from sijnode.uids import make_uid
 from tests.conftest import require_tool
 from tests.test_reports_inputs import (
     Case,
@@ -158,6 +167,10 @@ def test_srread_finds_the_decision_group_then_the_region_groups(
     regions = report.get_planar_roi_measurement_groups()
     assert len(regions) == len(result.explanations)
     for group, explanation in zip(regions, result.explanations, strict=True):
+        texts = _texts(group)
+        assert texts["Algorithm Version"] == [result.algorithm.version]
+        assert texts["Algorithm Name"] == [result.algorithm.name]
+        assert "Algorithm Parameters" not in texts  # they are the decision group's
         assert group.reference_type == pydicom_codes.DCM.ImageRegion
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         points = [tuple(p) for p in group.roi.value]
@@ -255,3 +268,27 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         build_outputs(case.result, [tmp_path / "junk.dcm"], case.job_key, Settings())
     with pytest.raises(ReportError, match="non-empty job key"):
         build_outputs(case.result, case.paths, "", Settings())
+
+
+def test_a_300_slice_report_with_8_regions_stays_small(tmp_path: Path) -> None:
+    """DICOM-OUTPUTS.md measured 24-57 KB for 300 slices and 8 region groups.
+
+    The evidence of 300 slices with 64-character UIDs (as synth and many scanners make
+    them) is 34 KB of that alone.
+    """
+    case = ct_case(tmp_path / "src", n_slices=12)
+    result = make_result(case.study, n_explained=8)
+    headers = case.headers
+    root = Settings().node.uid_root
+    for n in range(300 - len(headers)):
+        clone = copy.deepcopy(headers[n % len(headers)])
+        clone.SOPInstanceUID = make_uid(root, ["clone", str(n)])  # full-length UIDs, as synth's
+        assert len(clone.SOPInstanceUID) >= 60
+        headers.append(clone)
+    uids = JobUIDs(root, case.job_key)
+    report = build_measurement_report(result, headers, uids, "SIJNODE")
+    sr = encode_sr(SRContent(report, tuple(headers), uids, 9901), ComprehensiveSRStorage)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert len(hd.sr.srread(path).content.get_planar_roi_measurement_groups()) == 8
+    assert path.stat().st_size < 58 * 1024

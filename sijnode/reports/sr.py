@@ -64,13 +64,19 @@ def probability_value(value: float) -> float:
     return round(float(value), 6)
 
 
-def algorithm_identification(result: PipelineResult) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(
+    result: PipelineResult, full: bool = True
+) -> hd.sr.AlgorithmIdentification:
     """TID 4019 from the model spec: name, version, manufacturer, family and parameters.
 
     The parameters include both operating thresholds and the aggregation rule, so a
-    report traces to exact weights and the operating point it was read at.
+    report traces to exact weights and the operating point it was read at. The region
+    groups repeat only the name and version (``full=False``; the rest is the decision
+    group's), which keeps a 300-slice report with 8 regions under 58 KiB.
     """
     algorithm: AlgorithmIdentity = result.algorithm
+    if not full:
+        return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     parameters: dict[str, Any] = {
         **algorithm.parameters,
         "threshold": result.threshold,
@@ -141,6 +147,7 @@ def build_measurement_report(
     modality = str(source_headers[0].Modality)
     finding = codes.finding_codes(result.finding)
     algorithm = algorithm_identification(result)
+    region_algorithm = algorithm_identification(result, full=False)
     headers = _by_uid(source_headers)
 
     explained_sources = []
@@ -195,7 +202,7 @@ def build_measurement_report(
                 ),
                 referenced_region=region,
                 finding_type=finding.finding_type,
-                algorithm_id=algorithm,
+                algorithm_id=region_algorithm,
                 finding_sites=finding_sites(finding, explanation.laterality),
                 measurements=[
                     hd.sr.Measurement(
