@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.uid import (
+    Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
     KeyObjectSelectionDocumentStorage,
@@ -17,7 +18,7 @@ from pydicom.uid import (
 from sijnode.errors import ReportError
 from sijnode.models.result import Decision, Finding
 from sijnode.reports import codes
-from sijnode.reports.build import build_outputs
+from sijnode.reports.build import build_outputs, reencode_sr
 from sijnode.reports.kos import KO_SERIES_DESCRIPTION, summary_text
 from sijnode.reports.uids import JobUIDs, Role, output_uid
 from sijnode.settings import Settings
@@ -157,3 +158,49 @@ def test_bundle_needs_a_job_key_and_a_known_sr_class(tmp_path: Path) -> None:
         build_outputs(case.result, case.paths, "", Settings())
     with pytest.raises(ValueError, match="distinct SOP Class UIDs"):
         Settings(reports={"sr_sop_classes": ["1.2.3"]})
+
+
+def test_a_written_sr_is_reencoded_as_another_class(tmp_path: Path) -> None:
+    """After a restart only the files are left: sr-1.dcm gives the same 88.22 and 88.34."""
+    case = ct_case(tmp_path / "src", n_slices=6)
+    first = build_outputs(case.result, case.paths, case.job_key, Settings())
+    late = build_outputs(case.result, case.paths, "late", Settings(), predecessor=first.sr)
+    root = Settings().node.uid_root
+    for bundle, key in ((first, case.job_key), (late, "late")):
+        (written,) = [p for p in bundle.write(tmp_path / key) if p.name == "sr-1.dcm"]
+        stored = pydicom.dcmread(written)
+        for sop_class in (EnhancedSRStorage, Comprehensive3DSRStorage, ComprehensiveSRStorage):
+            again = reencode_sr(stored, sop_class, key, root)
+            expected = bundle.sr_as(sop_class)
+            assert again.SOPClassUID == sop_class
+            assert again.SOPInstanceUID == expected.SOPInstanceUID
+            assert again.ContentSequence == expected.ContentSequence
+            assert (
+                again.CurrentRequestedProcedureEvidenceSequence
+                == expected.CurrentRequestedProcedureEvidenceSequence
+            )
+            for keyword in (
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "PatientSex",
+                "StudyInstanceUID",
+                "AccessionNumber",
+                "StudyID",
+                "SeriesInstanceUID",
+                "SeriesNumber",
+                "SeriesDescription",
+                "PreliminaryFlag",
+                "VerificationFlag",
+            ):
+                assert str(again.get(keyword)) == str(expected.get(keyword)), keyword
+            assert ("PredecessorDocumentsSequence" in again) == (key == "late")
+            if key == "late":
+                assert again.PredecessorDocumentsSequence == expected.PredecessorDocumentsSequence
+            path = tmp_path / f"{key}-{sop_class}.dcm"
+            again.save_as(path, enforce_file_format=True)
+            assert assert_valid([path]) == {}
+    with pytest.raises(ReportError, match="expected the SR series"):
+        reencode_sr(pydicom.dcmread(tmp_path / "late" / "sr-1.dcm"), EnhancedSRStorage, "x", root)
+    with pytest.raises(ReportError, match="expected an SR of class"):
+        reencode_sr(pydicom.dcmread(case.paths[0]), EnhancedSRStorage, case.job_key, root)

@@ -31,7 +31,13 @@ from sijnode.logs import fields
 from sijnode.models.result import PipelineResult
 from sijnode.reports.kos import build_kos
 from sijnode.reports.sc import Rendering, build_capture
-from sijnode.reports.sr import SRContent, build_measurement_report, encode_sr
+from sijnode.reports.sr import (
+    SR_CLASSES,
+    SRContent,
+    build_measurement_report,
+    encode_sr,
+    predecessor_reference,
+)
 from sijnode.reports.uids import JobUIDs
 from sijnode.settings import GradCAMSettings, Settings
 
@@ -212,9 +218,69 @@ def build_outputs(
     return ReportBundle(content=content, sr=sr, captures=tuple(captures), kos=kos, seconds=seconds)
 
 
+def reencode_sr(sr: Dataset, sop_class_uid: str, job_key: str, uid_root: str) -> Dataset:
+    """An SR written by :func:`build_outputs` and read back, as another SR class.
+
+    For a delivery retried after a restart, when only the written files are left: the
+    content tree, the evidence references, the predecessors and the patient and study
+    modules come from ``sr`` itself, the UIDs from the job key, so the result equals
+    ``bundle.sr_as(sop_class_uid)`` of the original build.
+    """
+    if sr.get("SOPClassUID") not in SR_CLASSES:
+        raise ReportError(
+            f"expected an SR of class {', '.join(SR_CLASSES)}, got {sr.get('SOPClassUID')}"
+        )
+    uids = JobUIDs(uid_root, job_key)
+    if sr.SeriesInstanceUID != uids.sr_series:
+        raise ReportError(
+            f"expected the SR series {uids.sr_series} of job key {job_key[:12]}..., "
+            f"got {sr.SeriesInstanceUID}"
+        )
+    report = SR_CLASSES[sr.SOPClassUID].from_dataset(sr).content
+    evidence: list[Dataset] = []
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            for item in series.ReferencedSOPSequence:
+                evidence.append(
+                    predecessor_reference(
+                        study.StudyInstanceUID,
+                        series.SeriesInstanceUID,
+                        item.ReferencedSOPClassUID,
+                        item.ReferencedSOPInstanceUID,
+                    )
+                )
+    if not evidence:
+        raise ReportError("expected a Current Requested Procedure Evidence Sequence, got none")
+    # highdicom copies the patient and study modules from the first evidence item
+    first = copy.deepcopy(sr)
+    for keyword in ("SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(first, keyword, evidence[0].get(keyword))
+    evidence[0] = first
+    predecessors = tuple(
+        predecessor_reference(
+            study.StudyInstanceUID,
+            series.SeriesInstanceUID,
+            item.ReferencedSOPClassUID,
+            item.ReferencedSOPInstanceUID,
+        )
+        for study in sr.get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    )
+    content = SRContent(
+        report=report,
+        evidence=tuple(evidence),
+        uids=uids,
+        series_number=int(sr.SeriesNumber),
+        predecessors=predecessors,
+        institution_name=str(sr.get("InstitutionName", "")),
+    )
+    return encode_sr(content, sop_class_uid)
+
+
 def output_uids(job_key: str, uid_root: str) -> JobUIDs:
     """The UIDs a job's outputs get (for delivery records before anything is built)."""
     return JobUIDs(uid_root, job_key)
 
 
-__all__ = ["ReportBundle", "build_outputs", "output_uids", "read_headers"]
+__all__ = ["ReportBundle", "build_outputs", "output_uids", "read_headers", "reencode_sr"]
