@@ -23,7 +23,13 @@ from sijnode.reports.kos import KO_SERIES_DESCRIPTION, summary_text
 from sijnode.reports.uids import JobUIDs, Role, output_uid
 from sijnode.settings import Settings
 from sijnode.uids import is_valid_uid
-from tests.test_reports_inputs import assert_round_trip, assert_valid, ct_case, mr_case
+from tests.test_reports_inputs import (
+    assert_round_trip,
+    assert_valid,
+    ct_case,
+    make_result,
+    mr_case,
+)
 
 #: The verified codes of DICOM-OUTPUTS.md, typed in from that table.
 VERIFIED = {
@@ -150,6 +156,9 @@ def test_key_object_selection(tmp_path: Path) -> None:
     (device,) = document.content.get_observer_contexts()
     assert device.observer_type == pydicom_codes.DCM.Device
     assert build_outputs(case.result, case.paths, case.job_key, Settings()).kos is None
+    # an Indeterminate result says why, in the one-line summary
+    unsure = make_result(case.study, decision=Decision.INDETERMINATE)
+    assert "INDETERMINATE (no plausible SI joint found)" in summary_text(unsure)
 
 
 def test_bundle_needs_a_job_key_and_a_known_sr_class(tmp_path: Path) -> None:

@@ -142,8 +142,10 @@ def test_blend_threshold_and_alpha() -> None:
     coloured = np.any(out != 100, axis=2)
     assert coloured[2, 3] and coloured.sum() == 1  # 60 < 0.5 * 255: not blended
     assert np.array_equal(blend(grey, heat, Rendering(threshold=0.0, alpha=0.0))[:, :, 0], grey)
-    with pytest.raises(ReportError, match="heatmap of the slice's shape"):
+    with pytest.raises(ReportError, match="uint8 heatmap of the slice's shape"):
         blend(grey, np.zeros((4, 4), np.uint8), Rendering())
+    with pytest.raises(ReportError, match="got float32"):
+        blend(grey, heat.astype(np.float32), Rendering())
 
 
 def test_jpegls_variant_is_lossless(case: Case, bundle: ReportBundle, tmp_path: Path) -> None:

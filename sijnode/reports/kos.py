@@ -25,9 +25,11 @@ MANUFACTURER = "sijnode"
 def summary_text(result: PipelineResult) -> str:
     """One line: the finding, the decision, the probability, the model; no identifiers."""
     label = codes.finding_codes(result.finding).label
+    reason = f" ({result.reason})" if result.reason else ""
     return (
-        f"AI {label}: {result.decision.value.upper()}, probability {result.probability:.3f} "
-        f"({result.algorithm.name} {result.algorithm.version}); research use, not for diagnosis"
+        f"AI {label}: {result.decision.value.upper()}{reason}, probability "
+        f"{result.probability:.3f} ({result.algorithm.name} {result.algorithm.version}); "
+        "research use, not for diagnosis"
     )
 
 

@@ -99,9 +99,10 @@ def blend(
     grey: npt.NDArray[np.uint8], heatmap: npt.NDArray[np.uint8], rendering: Rendering
 ) -> npt.NDArray[np.uint8]:
     """RGB: the JET colour map of ``heatmap`` over ``grey`` where heatmap ≥ threshold."""
-    if heatmap.shape != grey.shape:
+    if heatmap.shape != grey.shape or heatmap.dtype != np.uint8:
         raise ReportError(
-            f"expected a heatmap of the slice's shape {grey.shape}, got {heatmap.shape}"
+            f"expected a uint8 heatmap of the slice's shape {grey.shape}, "
+            f"got {heatmap.dtype} {heatmap.shape}"
         )
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     colour = cv2.cvtColor(cv2.applyColorMap(heatmap, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
