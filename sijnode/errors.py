@@ -56,3 +56,7 @@ class TransitionError(SijnodeError):
 
 class MixedInputsError(SijnodeError):
     """A job's instances do not all come from one study and one patient pseudonym."""
+
+
+class ReportError(SijnodeError):
+    """A result could not be turned into valid DICOM outputs (SR, secondary captures, KOS)."""

@@ -38,6 +38,7 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
 
 from sijnode.errors import ConfigurationError
 from sijnode.uids import DEFAULT_UID_ROOT, UID_PATTERN
@@ -357,6 +358,54 @@ class DeliverySettings(_Section):
     )
 
 
+#: SR Storage SOP classes that carry the same TID 1500 content (DICOM-OUTPUTS.md).
+SR_SOP_CLASSES: dict[str, str] = {
+    str(ComprehensiveSRStorage): "Comprehensive SR",
+    str(EnhancedSRStorage): "Enhanced SR",
+    str(Comprehensive3DSRStorage): "Comprehensive 3D SR",
+}
+
+
+class ReportSettings(_Section):
+    """The DICOM objects built from a result (docs/reports.md)."""
+
+    sr_sop_classes: list[str] = Field(
+        default_factory=lambda: list(SR_SOP_CLASSES),
+        description=(
+            "SR SOP classes to propose, best first (Comprehensive 88.33, Enhanced 88.22, "
+            "Comprehensive 3D 88.34); the SR is written in the first one the destination accepts."
+        ),
+    )
+    sr_series_number: int = Field(
+        9901, ge=1, le=2147483647, description="SeriesNumber of the SR series."
+    )
+    sc_series_number: int = Field(
+        9902, ge=1, le=2147483647, description="SeriesNumber of the Grad-CAM capture series."
+    )
+    kos: bool = Field(False, description="Also emit a Key Object Selection of the key images.")
+    kos_series_number: int = Field(
+        9903, ge=1, le=2147483647, description="SeriesNumber of the Key Object Selection."
+    )
+    sc_jpegls: bool = Field(
+        False,
+        description="Encode the captures JPEG-LS lossless when the destination accepts it.",
+    )
+    institution_name: str = Field(
+        "", description="InstitutionName written into the outputs; empty leaves it out."
+    )
+
+    @field_validator("sr_sop_classes")
+    @classmethod
+    def _sr_classes(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in SR_SOP_CLASSES]
+        if unknown or not value or len(set(value)) != len(value):
+            raise ValueError(
+                f"expected distinct SOP Class UIDs out of {', '.join(SR_SOP_CLASSES)}, "
+                f"got {value!r}"
+            )
+        return value
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics endpoint."""
 
@@ -391,6 +440,7 @@ class Settings(BaseSettings):
     pipelines: dict[str, PipelineSettings] = Field(default_factory=_default_pipelines)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    reports: ReportSettings = Field(default_factory=ReportSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
