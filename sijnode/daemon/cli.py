@@ -24,6 +24,7 @@ def serve(
     when broker.url is empty)."""
     from sijnode.cli import state
     from sijnode.daemon.node import Node
+    from sijnode.db.migrate import prepare_embedded
     from sijnode.logs import configure_logging
 
     node_overrides: dict[str, Any] = {
@@ -33,6 +34,7 @@ def serve(
     }
     settings = state(ctx).settings({"node": node_overrides} if node_overrides else None)
     configure_logging(settings.logging.level, settings.logging.json_format)
+    prepare_embedded(settings.database.url)
     node = Node(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
