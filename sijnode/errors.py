@@ -60,3 +60,13 @@ class MixedInputsError(SijnodeError):
 
 class ReportError(SijnodeError):
     """A result could not be turned into valid DICOM outputs (SR, secondary captures, KOS)."""
+
+
+class TrainingDataError(SijnodeError):
+    """A training data set has problems; each is named with its file or line and reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{len(problems)} problem(s) in the training data:\n{shown}{more}")

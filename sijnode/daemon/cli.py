@@ -25,6 +25,7 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         """Receive studies over DICOM, assemble, route and dispatch them (runs jobs itself
         when broker.url is empty)."""
         from sijnode.daemon.node import Node
+        from sijnode.db.migrate import prepare_embedded
         from sijnode.logs import configure_logging, fields
 
         log = logging.getLogger("sijnode.daemon.serve")
@@ -35,6 +36,7 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         }
         loaded = settings({"node": node_overrides} if node_overrides else None)
         configure_logging(loaded.logging.level, loaded.logging.json_format)
+        prepare_embedded(loaded.database.url)  # a new SQLite audit needs no set-up step
         node = Node(loaded)
         stop = threading.Event()
         received: list[str] = []

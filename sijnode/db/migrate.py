@@ -162,3 +162,28 @@ def check_schema_current(engine: Engine) -> str:
         f"audit database {where} is not at the current schema: expected revision "
         f"{status.head}, found {found}; run `sijnode db upgrade`"
     )
+
+
+def prepare_embedded(url: str) -> str | None:
+    """Create and migrate an empty embedded SQLite audit; return the revision it reached.
+
+    ``sijnode serve`` on the SQLite default needs no set-up step. Nothing is done (None) for
+    a database that already has tables or for PostgreSQL: migrating a shared server stays a
+    deliberate ``sijnode db upgrade`` by its administrator, and an older SQLite schema is
+    reported by :func:`check_schema_current` rather than changed behind the user's back.
+    """
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    try:
+        if inspect(engine).get_table_names():
+            return None
+        return upgrade(engine)
+    finally:
+        engine.dispose()
