@@ -70,3 +70,15 @@ class TrainingDataError(SijnodeError):
         shown = "\n".join(f"  - {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"{len(problems)} problem(s) in the training data:\n{shown}{more}")
+
+
+class CheckpointError(SijnodeError):
+    """A model checkpoint is refused: truncated, tampered, unknown architecture, wrong task."""
+
+
+class SeriesError(SijnodeError):
+    """A series cannot be read as an ordered stack of slices (geometry, sizes, frames)."""
+
+
+class PipelineError(SijnodeError):
+    """A pipeline cannot be loaded or run with the models and options it was given."""
