@@ -113,7 +113,7 @@ def _echo(port: int) -> bool:
     ae = AE()
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = ae.network_timeout = 2
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
     if not assoc.is_established:
         return False
     try:
@@ -286,7 +286,7 @@ def test_association_left_active_is_closed_with_its_true_counts(tmp_path: Path) 
         # An association open now is never taken for a stale one.
         ae = AE()
         ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", node.scp.port)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
         assert assoc.is_established
         try:
             time.sleep(1)

@@ -70,7 +70,7 @@ def _echo(port: int) -> bool:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 2
     try:
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SIJNODE")
     except (OSError, RuntimeError):
         return False
     if not assoc.is_established:
