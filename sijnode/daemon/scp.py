@@ -158,8 +158,14 @@ class _ListenerServer(ThreadedAssociationServer):
         except OSError as exc:  # ssl.SSLError, a reset or a timeout mid-handshake
             client.close()
             if self.listener is not None:
-                self.listener.handshake_failed(address, exc)
-            raise
+                try:
+                    self.listener.handshake_failed(address, exc)
+                except Exception as report_exc:  # the server must keep serving
+                    log.exception(
+                        "could not report a failed TLS handshake",
+                        extra=fields(error=str(report_exc)),
+                    )
+            raise  # an OSError: socketserver drops the connection and serves on
 
     def shutdown(self) -> None:
         """Stop serving and close the socket (the server is not in ``AE`` 's own list)."""
