@@ -133,6 +133,8 @@ class _AssocState:
     receiving: StagedFile | None = None
     # The file for the next data set, made while the peer reads the last answer.
     spare: StagedFile | None = None
+    # Whether the reader thread answers its C-STOREs (the fast path, prepared).
+    answers: bool = False
 
 
 class _LimitReached(SijnodeError):
@@ -156,8 +158,14 @@ class _ListenerServer(ThreadedAssociationServer):
         except OSError as exc:  # ssl.SSLError, a reset or a timeout mid-handshake
             client.close()
             if self.listener is not None:
-                self.listener.handshake_failed(address, exc)
-            raise
+                try:
+                    self.listener.handshake_failed(address, exc)
+                except Exception as report_exc:  # the server must keep serving
+                    log.exception(
+                        "could not report a failed TLS handshake",
+                        extra=fields(error=str(report_exc)),
+                    )
+            raise  # an OSError: socketserver drops the connection and serves on
 
     def shutdown(self) -> None:
         """Stop serving and close the socket (the server is not in ``AE`` 's own list)."""
@@ -383,12 +391,12 @@ class StorageSCP:
             session.add(row)
             session.flush()
             db_id = row.id
-        with self._lock:
-            self._assocs[id(assoc)] = _AssocState(db_id, calling)
+        state = _AssocState(db_id, calling)
         # private and unknown storage classes too (PS3.4 B.5), before negotiation
         sop_classes.support_proposed_storage(assoc, self._syntaxes)
-        if self.mode == "fast":
-            fastpath.prepare(assoc)
+        state.answers = self.mode == "fast" and fastpath.prepare(assoc)
+        with self._lock:
+            self._assocs[id(assoc)] = state
 
     def _on_accepted(self, event: evt.Event) -> None:
         state = self._state(event.assoc)
@@ -497,6 +505,8 @@ class StorageSCP:
             return
         state = self._state(event.assoc)
         state.receiving = None
+        if not state.answers:
+            return  # not prepared for answers from here: the association thread answers
         staged.outcome = self._ingest(staged, state)
         sop_instance_uid = str(event.message.command_set.AffectedSOPInstanceUID or "")
         status = self._answer(staged, state, sop_instance_uid)

@@ -296,14 +296,18 @@ _LOG_HANDLERS = {
 }
 
 
-def prepare(assoc: Any) -> None:
-    """Ready a listener association, before it is accepted (EVT_REQUESTED)."""
+def prepare(assoc: Any) -> bool:
+    """Ready a listener association, before it is accepted (EVT_REQUESTED); False if its
+    message queue is not the one expected: the reader thread must then not answer, and
+    the association thread answers every C-STORE (:func:`answer` is not used)."""
     from pynetdicom import _handlers
 
     for event, name in _LOG_HANDLERS.items():
         assoc.unbind(event, getattr(_handlers, name))
-    if type(assoc.dimse.msg_queue) is queue.Queue and assoc.dimse.msg_queue.empty():
-        assoc.dimse.msg_queue = UnansweredRequests()
+    if type(assoc.dimse.msg_queue) is not queue.Queue or not assoc.dimse.msg_queue.empty():
+        return False
+    assoc.dimse.msg_queue = UnansweredRequests()
+    return True
 
 
 def staged_of_message(message: Any) -> StagedFile | None:
