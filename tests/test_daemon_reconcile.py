@@ -371,3 +371,32 @@ def test_unclaimed_job_is_sent_again_once_per_period(
         assert _events(node, EventType.JOB_DISPATCHED) == Counter({lost.id: 2, fresh.id: 1})
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("result_backend", [False, True])
+def test_a_send_to_a_dead_broker_fails_at_once(
+    redis_server: RedisServer, result_backend: bool
+) -> None:
+    """One short try per send (no kombu or result-backend retries), then it works again."""
+    from sijnode.errors import DispatchError
+    from sijnode.settings import load_settings
+    from sijnode.workers.celery_app import make_celery
+    from sijnode.workers.messages import JobMessage
+    from sijnode.workers.queue import CeleryQueue
+
+    backend = {"result_backend": redis_server.url.replace("/0", "/1")} if result_backend else {}
+    settings = load_settings(overrides={"broker": _broker(redis_server.url, **backend)})
+    queue = CeleryQueue(make_celery(settings), settings.broker)
+    message = JobMessage(job_id=1, pipeline="ct", spool_paths=[])
+    began = time.monotonic()
+    for _ in range(10):
+        with pytest.raises(DispatchError, match="broker did not accept job 1"):
+            queue.send(message)
+    assert time.monotonic() - began < 3.0, "a dead broker held the sends"
+    redis_server.start()
+    assert queue.send(message)
+    redis_server.kill()
+    began = time.monotonic()
+    with pytest.raises(DispatchError):
+        queue.send(message)
+    assert time.monotonic() - began < 1.0

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -92,6 +93,7 @@ class Node:
             has_model=self._has_model,
             live_peers=self._live_peers,
         )
+        self._draining: ThreadedAssociationServer | None = None  # closed, associations open
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._loop = threading.Thread(target=self._completion_loop, name="sijnode-completion")
@@ -176,7 +178,7 @@ class Node:
         self.metrics.close()
 
     def _live_peers(self) -> frozenset[Peer]:
-        server = self.scp.server
+        server = self.scp.server or self._draining
         return peers_of(server.active_associations) if server is not None else frozenset()
 
     def _drain_listener(self, grace: float) -> None:
@@ -185,7 +187,7 @@ class Node:
         if server is None:
             return
         server.shutdown()  # no new association; the open ones keep their threads
-        self.scp.server = None
+        self._draining, self.scp.server = server, None
         deadline = time.monotonic() + grace
         open_ = server.active_associations
         if open_:

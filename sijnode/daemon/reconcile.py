@@ -300,6 +300,8 @@ def run_forever(reconciler: Reconciler, interval: float, stop: threading.Event) 
             reconciler.run_once()
         except SijnodeError as exc:
             log.error("reconciling the queue failed; retrying", extra=fields(error=str(exc)))
+        except Exception:  # the thread outlives a bug: the next round tries again
+            log.exception("reconciling the queue raised; retrying")
         stop.wait(interval)
 
 

@@ -44,6 +44,11 @@ def publisher_options(broker: BrokerSettings) -> dict[str, object]:
             "socket_timeout": timeout,
             "retry_on_timeout": False,
         },
+        # a Redis result backend (broker.result_backend) is contacted by each send too
+        "redis_socket_connect_timeout": timeout,
+        "redis_socket_timeout": timeout,
+        "redis_retry_on_timeout": False,
+        "result_backend_transport_options": {"retry_policy": {"max_retries": 0}},
     }
 
 
