@@ -92,6 +92,7 @@ def test_read_spec_and_verify_import_no_torch(checkpoint: tuple[Path, ModelSpec]
     code = (
         "import sys\n"
         "from sijnode.models.checkpoint import read_spec, verify_checkpoint\n"
+        "from sijnode.models.registry import get_pipeline, pipeline_names\n"
         f"s = verify_checkpoint({str(path)!r})\n"
         f"assert read_spec({str(path)!r}).version == s.version == {spec.version!r}\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
