@@ -128,6 +128,13 @@ def test_truncated_file_refused(checkpoint: tuple[Path, ModelSpec], keep: int) -
         verify_checkpoint(path)
 
 
+def test_trailing_bytes_refused(checkpoint: tuple[Path, ModelSpec]) -> None:
+    path, _ = checkpoint
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="trailing bytes"):
+        verify_checkpoint(path)
+
+
 def _forged(path: Path, spec_json: str | None) -> Path:
     metadata = {SPEC_KEY: spec_json} if spec_json is not None else {"other": "x"}
     path.write_bytes(save({"w": torch.zeros(2)}, metadata=metadata))
