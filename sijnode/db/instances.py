@@ -555,9 +555,13 @@ class InstanceRecorder:
                     (self._series_touched, series_id, (time.monotonic(), written))
                 )
                 return series_id
-        series_id = self._series(session, study_id, header, now).id
-        pending.entries.append((self._series_ids, key, series_id))
-        return series_id
+        series = self._series(session, study_id, header, now)
+        pending.entries.append((self._series_ids, key, series.id))
+        # its times and count were just written: the next instance can take the fast path
+        pending.entries.append(
+            (self._series_touched, series.id, (time.monotonic(), series.expected_instances))
+        )
+        return series.id
 
     def _study(
         self,
