@@ -7,6 +7,7 @@ SIGKILL during a sweep.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage
 from pynetdicom import AE
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -32,13 +34,15 @@ from sijnode.daemon.retention import SpoolState
 from sijnode.daemon.scp import SUCCESS
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
 from sijnode.db.lifecycle import transition
-from sijnode.db.records import as_utc
+from sijnode.db.records import as_utc, record_output
 from sijnode.db.schema import (
     Event,
     EventType,
     Instance,
     Job,
     JobState,
+    Output,
+    OutputKind,
     RemovalState,
     SpoolRemoval,
     Study,
@@ -200,14 +204,39 @@ def test_studies_whose_jobs_wait_are_kept_and_an_ignored_one_goes(tmp_path: Path
         assert "waiting" in str(result.exception)
         shown = _invoke(settings, "status", "--json")
         assert shown.exit_code == 0, shown.output
-        import json
-
         report = json.loads(shown.output)
         assert report["studies"]["waiting"] == 2 and report["studies"]["eligible"] == 0
         assert report["bytes"]["waiting"] == sum(
             r.size_bytes for sid in (no_model_id, retrying_id) for r in _instances(node, sid)
         )
         assert report["free_bytes"] > 0
+        # the delivery succeeds: the study is final, its inputs and its SR file then go
+        sr = node.spool.root / "outputs" / "sr-1.dcm"
+        sr.parent.mkdir()
+        sr.write_bytes(b"an SR the node wrote" * 10)
+        with transaction(node.sessions) as s:
+            job_row = s.get_one(Job, job.id)
+            record_output(
+                s,
+                job_row,
+                OutputKind.SR,
+                ComprehensiveSRStorage,
+                "1.2.826.0.1.3680043.8.498.99",
+                "1.2.826.0.1.3680043.8.498.98",
+                "outputs/sr-1.dcm",
+            )
+        assert _invoke(settings, "status", "--json").exit_code == 0
+        time.sleep(1.5)
+        assert sr.is_file(), "kept while the delivery retries"
+        _move(node, job.id, JobState.DELIVERED)
+        wait_for(lambda: _all_removed(node, retrying_id), timeout=30)
+        with node.sessions() as s:
+            (output,) = s.scalars(select(Output)).all()
+        assert output.removed_reason == "retention" and not sr.exists()
+        (event,) = _purged_events(node, retrying_id)
+        assert event.detail["instances"] == 3 and event.detail["outputs"] == 1
+        assert event.detail["bytes"] == 3 * _instances(node, retrying_id)[0].size_bytes + 200
+        assert all(r.removed_at is None for r in _instances(node, no_model_id))
 
 
 @pytest.fixture
