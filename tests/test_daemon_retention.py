@@ -43,7 +43,7 @@ from sijnode.db.schema import (
     JobState,
     Output,
     OutputKind,
-    RemovalState,
+    RemovalStatus,
     SpoolRemoval,
     Study,
     StudyState,
@@ -140,7 +140,7 @@ def test_ignored_study_is_removed_after_its_retention_and_the_audit_says_when_an
         with node.sessions() as s:
             (removal,) = s.scalars(select(SpoolRemoval)).all()
             timeline = study_timeline(s, uid)
-        assert removal.state == RemovalState.DONE and removal.files == 3
+        assert removal.status == RemovalStatus.DONE and removal.files == 3
         stages = [entry["stage"] for entry in timeline]
         assert "event:spool_purged" in stages, stages
         registry = node.metrics.registry
@@ -406,7 +406,7 @@ def _audit_against_spool(tmp_path: Path) -> tuple[set[int], set[int], set[int]]:
     with sessions() as s:
         rows = s.execute(select(Instance.id, Instance.spool_path, Instance.removed_at)).all()
         pending = s.scalars(
-            select(SpoolRemoval).where(SpoolRemoval.state == RemovalState.PENDING.value)
+            select(SpoolRemoval).where(SpoolRemoval.status == RemovalStatus.PENDING.value)
         ).all()
     spool = tmp_path / "spool"
     marked = {i for i, _, removed in rows if removed is not None}
@@ -435,7 +435,7 @@ def test_kill_9_during_a_sweep_leaves_no_unrecorded_removal_and_no_false_record(
         try:
             deadline = time.monotonic() + 60
             pending = select(SpoolRemoval.id).where(
-                SpoolRemoval.state == RemovalState.PENDING.value
+                SpoolRemoval.status == RemovalStatus.PENDING.value
             )
             kept = select(Instance.id).where(Instance.removed_at.is_(None))
             while time.monotonic() < deadline:
@@ -465,7 +465,7 @@ def test_kill_9_during_a_sweep_leaves_no_unrecorded_removal_and_no_false_record(
             purged = s.scalars(select(Event).where(Event.type == EventType.SPOOL_PURGED)).all()
             removals = s.scalars(select(SpoolRemoval)).all()
         assert sum(e.detail["instances"] for e in purged) == len(marked)
-        assert {r.state for r in removals} <= {RemovalState.DONE, RemovalState.ROLLED_BACK}
+        assert {r.status for r in removals} <= {RemovalStatus.DONE, RemovalStatus.ROLLED_BACK}
         assert count_rows(sessions) == total, "every instance row stays"
     finally:
         proc.terminate()

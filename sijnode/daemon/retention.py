@@ -26,7 +26,7 @@ path.
 1. *intent*: one transaction reads the study, checks the rules and commits a
    ``spool_removals`` row, state ``pending``, naming the instance and output rows. If
    the audit cannot be written, nothing is removed.
-2. *unlink*: a second transaction first claims the intent (``UPDATE … WHERE state =
+2. *unlink*: a second transaction first claims the intent (``UPDATE … WHERE status =
    'pending'``: the write lock on SQLite, the row lock on PostgreSQL), locks the study
    row and checks the rules again (a late instance may have reopened the study: then the
    intent is rolled back and nothing is removed). It unlinks the files and fsyncs their
@@ -73,7 +73,7 @@ from sijnode.db.schema import (
     JobState,
     Output,
     RemovalReason,
-    RemovalState,
+    RemovalStatus,
     SpoolRemoval,
     Study,
     StudyState,
@@ -390,7 +390,7 @@ class Retention:
                 study_id=study_id,
                 generation=study.generation,
                 reason=reason.value,
-                state=RemovalState.PENDING.value,
+                status=RemovalStatus.PENDING.value,
                 instance_ids=instance_ids,
                 output_ids=output_ids,
                 files=0,
@@ -416,7 +416,7 @@ class Retention:
                     update(SpoolRemoval)
                     .where(
                         SpoolRemoval.id == intent_id,
-                        SpoolRemoval.state == RemovalState.PENDING.value,
+                        SpoolRemoval.status == RemovalStatus.PENDING.value,
                     )
                     .values(finished_at=when)
                 )
@@ -430,7 +430,7 @@ class Retention:
             if not recovering:
                 verdict = self._judge_locked(session, study, when)
                 if study.generation != intent.generation or verdict.state not in _REMOVABLE[reason]:
-                    intent.state = RemovalState.ROLLED_BACK.value
+                    intent.status = RemovalStatus.ROLLED_BACK.value
                     log.info(
                         "spool removal rolled back: the study changed",
                         extra=fields(
@@ -442,9 +442,9 @@ class Retention:
             intent.files = files + outputs
             intent.bytes = size
             if recovering and not files + outputs:
-                intent.state = RemovalState.ROLLED_BACK.value
+                intent.status = RemovalStatus.ROLLED_BACK.value
             else:
-                intent.state = RemovalState.DONE.value
+                intent.status = RemovalStatus.DONE.value
                 event = record_event(
                     session,
                     EventType.SPOOL_PURGED,
@@ -575,7 +575,7 @@ class Retention:
                 session.scalars(
                     select(SpoolRemoval.id)
                     .where(
-                        SpoolRemoval.state == RemovalState.PENDING.value,
+                        SpoolRemoval.status == RemovalStatus.PENDING.value,
                         SpoolRemoval.created_at <= cutoff,
                     )
                     .order_by(SpoolRemoval.id)

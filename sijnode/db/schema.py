@@ -441,7 +441,7 @@ class RemovalReason(enum.StrEnum):
     MANUAL = "manual"
 
 
-class RemovalState(enum.StrEnum):
+class RemovalStatus(enum.StrEnum):
     """Where one removal is: its intent is committed before any file is unlinked."""
 
     PENDING = "pending"
@@ -462,7 +462,7 @@ class SpoolRemoval(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     generation: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), default=RemovalState.PENDING, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RemovalStatus.PENDING, index=True)
     instance_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     output_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     files: Mapped[int] = mapped_column(Integer, default=0)

@@ -37,7 +37,7 @@ def upgrade() -> None:
         sa.Column("study_id", sa.Integer(), nullable=False),
         sa.Column("generation", sa.Integer(), nullable=False),
         sa.Column("reason", sa.String(length=16), nullable=False),
-        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("instance_ids", sa.JSON(), nullable=False),
         sa.Column("output_ids", sa.JSON(), nullable=False),
         sa.Column("files", sa.Integer(), nullable=False),
@@ -52,12 +52,12 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_spool_removals_study_id"), "spool_removals", ["study_id"], unique=False
     )
-    op.create_index(op.f("ix_spool_removals_state"), "spool_removals", ["state"], unique=False)
+    op.create_index(op.f("ix_spool_removals_status"), "spool_removals", ["status"], unique=False)
 
 
 def downgrade() -> None:
     """Downgrade the schema (the record of removals is dropped with it)."""
-    op.drop_index(op.f("ix_spool_removals_state"), table_name="spool_removals")
+    op.drop_index(op.f("ix_spool_removals_status"), table_name="spool_removals")
     op.drop_index(op.f("ix_spool_removals_study_id"), table_name="spool_removals")
     op.drop_table("spool_removals")
     for table in _TABLES:
