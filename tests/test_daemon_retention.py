@@ -476,3 +476,20 @@ def test_kill_9_during_a_sweep_leaves_no_unrecorded_removal_and_no_false_record(
 def count_rows(sessions: Any) -> int:
     with sessions() as s:
         return len(s.scalars(select(Instance.id)).all())
+
+
+def test_retention_durations_parse_and_a_bad_one_is_named() -> None:
+    from sijnode.errors import ConfigurationError
+    from sijnode.settings import load_settings, parse_duration
+
+    assert parse_duration("7d") == 7 * 86400
+    assert parse_duration("12h") == 12 * 3600
+    assert parse_duration("30s") == 30 and parse_duration("1.5m") == 90
+    storage = load_settings(overrides={"storage": {"retention": "2w"}}).storage
+    assert storage.retention_seconds == 14 * 86400
+    assert storage.retention_waiting_seconds == 30 * 86400  # the default
+    with pytest.raises(ConfigurationError, match=r"storage\.retention_waiting.*'30 days'"):
+        load_settings(overrides={"storage": {"retention_waiting": "30 days"}})
+    # the disk-pressure threshold is never below the refusal threshold
+    low = load_settings(overrides={"storage": {"min_free_mb": 10, "purge_below_free_mb": 2}})
+    assert low.storage.purge_below_free_bytes == 10 * 2**20
