@@ -440,8 +440,23 @@ def test_kill_9_during_a_sweep_leaves_no_unrecorded_removal_and_no_false_record(
             kept = select(Instance.id).where(Instance.removed_at.is_(None))
             while time.monotonic() < deadline:
                 with sessions() as s:
-                    if s.scalars(pending).first() is not None or s.scalars(kept).first() is None:
-                        break
+                    intent = s.scalars(pending).first()
+                    if intent is None:
+                        if s.scalars(kept).first() is None:
+                            break  # all removed before a pending intent was seen
+                        continue
+                    named = s.scalars(
+                        select(SpoolRemoval.instance_ids).where(SpoolRemoval.id == intent)
+                    ).one()
+                    first_path = s.scalar(
+                        select(Instance.spool_path).where(Instance.id == min(named))
+                    )
+                # the intent is committed: kill as soon as its unlinks have begun
+                first = tmp_path / "spool" / str(first_path)
+                until = time.monotonic() + 2
+                while first.exists() and time.monotonic() < until:
+                    pass
+                break
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
         finally:
