@@ -322,9 +322,9 @@ def test_disk_pressure_removes_finished_studies_oldest_first_never_a_waiting_one
 
 
 def test_resent_removed_study_is_stored_again_and_its_new_job_reads_the_new_files(
-    tmp_path: Path,
+    tmp_path: Path, db_url: str
 ) -> None:
-    settings = _fast(tmp_path, retention="1s", retention_waiting="2s")
+    settings = _fast(tmp_path, db_url, retention="1s", retention_waiting="2s")
     uid = "1.2.826.0.1.3680043.8.498.777001"
     series = make_series("retention-resend", uid, 1, 4, images_in_acquisition=None)
     first = series[:3]
