@@ -171,11 +171,12 @@ def _register_parts() -> None:
     """Let each part add its commands (each import is light: no torch at import)."""
     from sijnode.audit import cli as audit_cli
     from sijnode.daemon import cli as daemon_cli
+    from sijnode.daemon import spool_cli
     from sijnode.db import cli as db_cli
     from sijnode.synth import cli as synth_cli
     from sijnode.workers import cli as workers_cli
 
-    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli):
+    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli, spool_cli):
         part.register(app, invocation.settings)
 
 

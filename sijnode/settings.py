@@ -186,6 +186,21 @@ class NodeSettings(_Section):
         return value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds in a duration such as ``7d``, ``12h``, ``30m``, ``30s`` or ``2w``."""
+    match = _DURATION.match(str(value))
+    if match is None:
+        raise ValueError(
+            f"expected a duration: a number and one of s, m, h, d, w (such as 7d, 12h "
+            f"or 30s), got {value!r}"
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 class StorageSettings(_Section):
     """The spool where received instances are kept as their original bytes."""
 
@@ -193,6 +208,49 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(
         1024, ge=0, description="Refuse instances (0xA700) below this free space, in MiB."
     )
+    retention: str = Field(
+        "7d",
+        description="How long a finished study's files are kept (a duration: 7d, 12h, 30m, "
+        "30s) once it is no longer receiving and every job is final, or it was ignored.",
+    )
+    retention_waiting: str = Field(
+        "30d",
+        description="How long the files of a study whose job waits (queued, no_model, "
+        "delivery retrying) are kept; a running job's inputs are never removed.",
+    )
+    purge_below_free_mb: int = Field(
+        4096,
+        ge=0,
+        description="Below this free space, in MiB, finished studies are removed oldest "
+        "first before their retention ends (min_free_mb when that is higher).",
+    )
+    sweep_interval_seconds: float = Field(
+        60.0, gt=0, description="How often the retention sweeper runs."
+    )
+    sweep_max_files: int = Field(
+        5000, ge=1, description="Most spool files one sweep removes (bounded work per pass)."
+    )
+
+    @field_validator("retention", "retention_waiting")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value.strip()
+
+    @property
+    def purge_below_free_bytes(self) -> int:
+        """The disk-pressure threshold in bytes: never below ``min_free_mb``."""
+        return max(self.purge_below_free_mb, self.min_free_mb) * 2**20
+
+    @property
+    def retention_seconds(self) -> float:
+        """``retention`` in seconds."""
+        return parse_duration(self.retention)
+
+    @property
+    def retention_waiting_seconds(self) -> float:
+        """``retention_waiting`` in seconds."""
+        return parse_duration(self.retention_waiting)
 
 
 class DatabaseSettings(_Section):

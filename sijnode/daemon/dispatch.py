@@ -108,7 +108,9 @@ def _selected_instances(session: Session, series_id: int) -> list[Instance]:
     instances belong to its own series row (docs/receiving.md).
     """
     rows = session.scalars(
-        select(Instance).where(Instance.series_id == series_id).order_by(Instance.id)
+        select(Instance)
+        .where(Instance.series_id == series_id, Instance.removed_at.is_(None))  # in the spool
+        .order_by(Instance.id)
     ).all()
     newest: dict[str, Instance] = {}
     for row in rows:
@@ -128,7 +130,7 @@ def _series_facts(session: Session, study_id: int) -> dict[str, tuple[int, Serie
     counts = session.execute(
         select(Series, func.count(func.distinct(Instance.sop_instance_uid)))
         .join(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study_id)
+        .where(Series.study_id == study_id, Instance.removed_at.is_(None))
         .group_by(Series.id)
         .order_by(Series.id)
     ).all()

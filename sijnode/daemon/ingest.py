@@ -115,7 +115,9 @@ class Ingestor:
                     )
                 staged.seal()  # SpoolError: the transaction rolls back
                 relpath = result.relpath
-                if result.outcome is IngestOutcome.DUPLICATE or self.spool.path(relpath).exists():
+                # A duplicate whose file is gone (removed, or a removal interrupted by a
+                # crash) is placed again: the same bytes under the same name.
+                if self.spool.path(relpath).exists():
                     staged.discard()
                     session.commit()
                 else:
@@ -215,8 +217,9 @@ class Ingestor:
         sha = content_hash(data)
         with self._lock:
             with transaction(self.sessions) as session:
-                if self.rows.find_duplicate(session, header.sop_instance_uid, sha) is not None:
-                    return None
+                same = self.rows.find_duplicate(session, header.sop_instance_uid, sha)
+                if same is not None and same.removed_at is None:
+                    return None  # (a removed row is given its file back by record())
                 pending = PendingRows()
                 result = self.rows.record(
                     session, pending, header, lambda: sha, len(data), relpath, None, None, utcnow()

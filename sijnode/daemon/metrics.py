@@ -55,6 +55,31 @@ class NodeMetrics:
             registry=r,
         )
 
+        # spool retention (sijnode.daemon.retention)
+        self.spool_bytes = Gauge(
+            "sijnode_spool_bytes",
+            "Bytes in the spool, by retention state (receiving, waiting, kept, eligible)",
+            ["state"],
+            registry=r,
+        )
+        self.spool_free_bytes = Gauge(
+            "sijnode_spool_free_bytes", "Free bytes on the spool's filesystem", registry=r
+        )
+        self.spool_files_removed = Counter(
+            "sijnode_spool_files_removed",
+            "Spool and output files removed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.spool_bytes_removed = Counter(
+            "sijnode_spool_bytes_removed", "Bytes removed, by reason", ["reason"], registry=r
+        )
+        self.spool_pressure_unrelieved = Gauge(
+            "sijnode_spool_pressure_unrelieved",
+            "1 while free space is below storage.purge_below_free_mb and nothing is eligible",
+            registry=r,
+        )
+
     def serve(self, port: int, address: str) -> None:
         """Start the HTTP endpoint in a daemon thread."""
         self._server, _ = start_http_server(port, addr=address, registry=self.registry)

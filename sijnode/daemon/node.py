@@ -3,8 +3,9 @@
 One engine per process, dependencies passed in, nothing global. ``Node.start`` makes the
 audit agree with the spool first (records orphaned spool files, closes association rows
 left open), opens the DICOM port, then starts the completion loop (which dispatches the
-complete studies) and the reconciler (which sends the jobs owed a message,
-:mod:`sijnode.daemon.reconcile`). Nothing before the port opens waits for the broker.
+complete studies), the reconciler (which sends the jobs owed a message,
+:mod:`sijnode.daemon.reconcile`) and the retention sweeper
+(:mod:`sijnode.daemon.retention`). Nothing before the port opens waits for the broker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from sijnode.daemon.dispatch import Dispatcher
 from sijnode.daemon.ingest import Ingestor
 from sijnode.daemon.metrics import NodeMetrics
 from sijnode.daemon.reconcile import Peer, Reconciler, peers_of, run_forever
+from sijnode.daemon.retention import Retention
+from sijnode.daemon.retention import run_forever as sweep_forever
 from sijnode.daemon.scp import StorageSCP
 from sijnode.daemon.spool import Spool
 from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
@@ -54,6 +57,8 @@ class RecoveryReport:
     associations_closed: int
     studies_to_dispatch: int
     jobs_to_send: int
+    #: Spool removals left pending by a crash, closed from the files still there.
+    removals_recovered: int = 0
 
 
 class Node:
@@ -94,6 +99,7 @@ class Node:
             live_peers=self._live_peers,
         )
         self._draining: ThreadedAssociationServer | None = None  # closed, associations open
+        self.retention = Retention(settings.storage, sessions, self.spool, self.metrics)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._loop = threading.Thread(target=self._completion_loop, name="sijnode-completion")
@@ -101,6 +107,11 @@ class Node:
             target=run_forever,
             args=(self.reconciler, settings.broker.reconcile_interval_seconds, self._stop),
             name="sijnode-reconcile",
+        )
+        self._sweeper = threading.Thread(
+            target=sweep_forever,
+            args=(self.retention, settings.storage.sweep_interval_seconds, self._stop),
+            name="sijnode-retention",
         )
 
     def _make_queue(self) -> JobQueue:
@@ -145,6 +156,7 @@ class Node:
                 ) from exc
             self._loop.start()
             self._reconcile.start()
+            self._sweeper.start()
             if self.settings.database.pseudonym_secret == DEFAULT_PSEUDONYM_SECRET:
                 log.warning(
                     "database.pseudonym_secret is the default: set a site secret before real use"
@@ -169,7 +181,7 @@ class Node:
         self.scp.stop()
         self._stop.set()
         self._wake.set()
-        for thread in (self._loop, self._reconcile):
+        for thread in (self._loop, self._reconcile, self._sweeper):
             if thread.is_alive():
                 thread.join(10)
         if self.embedded is not None:
@@ -223,9 +235,15 @@ class Node:
         """
         started = utcnow()
         removed = self.spool.remove_partial_files()
+        # first: a removal the last process left half done (its files are gone or not)
+        removals = self.retention.recover()
         on_disk = set(self.spool.iter_files())
         with transaction(self.sessions) as session:
-            known = set(session.scalars(select(Instance.spool_path)).all())
+            known = set(
+                session.scalars(
+                    select(Instance.spool_path).where(Instance.removed_at.is_(None))
+                ).all()
+            )
             # The rows commit while the rename's directory fsync is still running, and
             # Success waits for both: a row of a study still receiving whose file is gone
             # was never acknowledged (a power loss in that window).
@@ -264,7 +282,7 @@ class Node:
                 select(func.count()).select_from(Study).where(Study.state == StudyState.COMPLETE)
             )
         owed = self.reconciler.owed_at_start()
-        report = RecoveryReport(removed, orphans, closed, int(complete or 0), owed)
+        report = RecoveryReport(removed, orphans, closed, int(complete or 0), owed, removals)
         if any(report.__dict__.values()):
             with transaction(self.sessions) as session:
                 record_event(session, EventType.RECOVERY, **report.__dict__)

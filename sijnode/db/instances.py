@@ -112,9 +112,9 @@ RelpathFor = Callable[[str, str, str, str], str]
 
 # Statements of the per-instance hot path, built once (PS: SQLAlchemy caches compiled forms,
 # but building the expression each time costs more than executing it on SQLite).
-_SAME_UID = select(Instance.id, Instance.sha256, Instance.study_id, Instance.spool_path).where(
-    Instance.sop_instance_uid == bindparam("b_uid")
-)
+_SAME_UID = select(
+    Instance.id, Instance.sha256, Instance.study_id, Instance.spool_path, Instance.removed_at
+).where(Instance.sop_instance_uid == bindparam("b_uid"))
 _TOUCH_STUDY = (
     update(Study)
     .where(
@@ -192,6 +192,7 @@ class _SameUID(NamedTuple):
     sha256: str
     study_id: int
     spool_path: str
+    removed_at: datetime | None
 
 
 def _instance_row(
@@ -337,13 +338,20 @@ class InstanceRecorder:
             return fast
         conn = session.connection()
         hot = self._hot_path(conn)
+        # The study first: its row lock (PostgreSQL) or the write lock (SQLite) orders this
+        # after a retention removal of the study's files in progress, whose removed_at the
+        # lookup below then sees (sijnode.daemon.retention).
+        study_id, generation = self._touch_study(session, pending, header, calling_ae_title, now)
         same_uid = [
             _SameUID(*row)
             for row in hot.same_uid.execute(conn, {"b_uid": header.sop_instance_uid}).fetchall()
         ]
-        study_id, generation = self._touch_study(session, pending, header, calling_ae_title, now)
         sha = digest()
         duplicate = next((row for row in same_uid if row.sha256 == sha), None)
+        if duplicate is not None and duplicate.removed_at is not None:
+            # Its file was removed by retention: this copy is stored again, in the same
+            # row (the spool path is the same), and the removal stays in the events.
+            return self._restore(session, duplicate, study_id, association_id)
         if duplicate is not None:
             # A re-send touches the study (above), so it is judged again and, if it was
             # already dispatched, its identical job key is recorded as a duplicate job.
@@ -470,6 +478,31 @@ class InstanceRecorder:
             session.rollback()
             return None
         return IngestResult(IngestOutcome.STORED, study_id, row[0], relpath)
+
+    @staticmethod
+    def _restore(
+        session: Session, row: _SameUID, study_id: int, association_id: int | None
+    ) -> IngestResult:
+        """A re-sent instance whose file retention removed: the row holds the file again."""
+        conn = session.connection()
+        previous = conn.execute(
+            select(Instance.removed_at, Instance.removed_reason).where(Instance.id == row.id)
+        ).one()
+        conn.execute(
+            update(Instance)
+            .where(Instance.id == row.id)
+            .values(removed_at=None, removed_reason=None)
+        )
+        record_event(
+            session,
+            EventType.INSTANCE_RESTORED,
+            study_id=study_id,
+            association_id=association_id,
+            instance_id=row.id,
+            removed_at=previous.removed_at.isoformat(),
+            removed_reason=previous.removed_reason,
+        )
+        return IngestResult(IngestOutcome.STORED, study_id, row.id, row.spool_path)
 
     def _series_due(self, series_id: int, expected: int | None) -> bool:
         """Whether the series row needs its UPDATE now (see :meth:`_touch_series`)."""

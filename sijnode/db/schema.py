@@ -132,6 +132,8 @@ class EventType(enum.StrEnum):
     NODE_STARTED = "node_started"
     RECOVERY = "recovery"
     JOB_DISPATCH_FAILED = "job_dispatch_failed"
+    SPOOL_PURGED = "spool_purged"
+    INSTANCE_RESTORED = "instance_restored"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -251,6 +253,10 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: Study generation this instance arrived in; late instances bump the generation.
     generation: Mapped[int] = mapped_column(Integer, default=1)
+    #: When the spool file was removed (sijnode.daemon.retention); null while it is kept.
+    removed_at: Mapped[datetime | None]
+    #: Why: retention, disk_pressure or manual (:class:`RemovalReason`).
+    removed_reason: Mapped[str | None] = mapped_column(String(16))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -357,6 +363,9 @@ class Output(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: When the file at ``path`` was removed (sijnode.daemon.retention); null while kept.
+    removed_at: Mapped[datetime | None]
+    removed_reason: Mapped[str | None] = mapped_column(String(16))
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 
@@ -422,3 +431,41 @@ class Event(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RemovalReason(enum.StrEnum):
+    """Why the node removed a spool or output file (docs/receiving.md, "Retention")."""
+
+    RETENTION = "retention"
+    DISK_PRESSURE = "disk_pressure"
+    MANUAL = "manual"
+
+
+class RemovalStatus(enum.StrEnum):
+    """Where one removal is: its intent is committed before any file is unlinked."""
+
+    PENDING = "pending"
+    DONE = "done"
+    ROLLED_BACK = "rolled_back"
+
+
+class SpoolRemoval(Base):
+    """One removal of a study's files: the intent, written before any unlink, and its end.
+
+    ``instance_ids`` and ``output_ids`` are the rows whose files it removes; ``files`` and
+    ``bytes`` what it did remove (sijnode.daemon.retention, module docstring).
+    """
+
+    __tablename__ = "spool_removals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=RemovalStatus.PENDING, index=True)
+    instance_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    output_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
