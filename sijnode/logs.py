@@ -43,6 +43,17 @@ def configure_logging(level: str = "INFO", json_format: bool = True) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at DEBUG/INFO and may print identifiers from datasets.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_dataset_values()
+
+
+def quiet_dataset_values() -> None:
+    """Keep element values out of logs: pydicom reports a value it cannot validate with the
+    value itself (``Invalid value for VR DA: '1990-01-0x'``), which may be a patient's.
+    Reading stays tolerant (PS3.5 values are kept as received); only the report is off."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def fields(**values: Any) -> dict[str, Any]:

@@ -31,7 +31,8 @@ def make_engine(url: str, echo: bool = False, sqlite_synchronous: str = "full") 
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+        # hide_parameters: a failed statement's message never carries bound values (identifiers)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -43,7 +44,7 @@ def make_engine(url: str, echo: bool = False, sqlite_synchronous: str = "full") 
             cur.close()
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True)
+    return create_engine(url, echo=echo, pool_pre_ping=True, hide_parameters=True)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
