@@ -63,6 +63,9 @@ ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence
 #: TID 2010 Key Object Selection document title (CID 7010 "Of Interest", 113000 DCM).
 KEY_OBJECT_TITLE = codes.DCM.OfInterest
 
+#: TID 1002 Observer Type of the node itself (CID 270 "Device", 121007 DCM).
+OBSERVER_DEVICE = codes.DCM.Device
+
 
 @dataclass(frozen=True)
 class PostCoordinatedFinding:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dcm_codes
 
 from sijnode import __version__
 from sijnode.errors import ReportError
@@ -47,7 +46,7 @@ def build_kos(
     if not key_objects:
         raise ReportError("expected at least one key image for the KOS, got none")
     observer = hd.sr.ObserverContext(
-        observer_type=dcm_codes.DCM.Device,
+        observer_type=codes.OBSERVER_DEVICE,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device_uid(uid_root, device_name),
             name=device_name,

@@ -25,7 +25,6 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
 
 from sijnode import __version__
@@ -124,7 +123,7 @@ def observation_context(uids: JobUIDs, device_name: str) -> hd.sr.ObservationCon
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
-            observer_type=dcm_codes.DCM.Device, observer_identifying_attributes=device
+            observer_type=codes.OBSERVER_DEVICE, observer_identifying_attributes=device
         )
     )
 
