@@ -29,6 +29,8 @@ from sijnode.db.schema import Base
 from sijnode.errors import SchemaOutOfDateError
 
 ALL_TABLES = set(Base.metadata.tables)
+#: The newest revision on this branch (0003: models).
+HEAD = "0003"
 
 
 def _diffs(url: str, metadata: MetaData = Base.metadata) -> list[object]:
@@ -43,8 +45,8 @@ def _diffs(url: str, metadata: MetaData = Base.metadata) -> list[object]:
         engine.dispose()
 
 
-def test_head_is_the_initial_revision_and_scripts_are_packaged() -> None:
-    assert head_revision() == "0001"
+def test_head_revision_and_scripts_are_packaged() -> None:
+    assert head_revision() == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
@@ -58,13 +60,13 @@ def test_upgrade_from_empty_to_head(db_url: str) -> None:
             check_schema_current(engine)
         assert "empty database" in str(info.value)
 
-        assert upgrade(db_url) == "0001"
-        assert current_revision(engine) == "0001"
-        assert check_schema_current(engine) == "0001"
+        assert upgrade(db_url) == HEAD
+        assert current_revision(engine) == HEAD
+        assert check_schema_current(engine) == HEAD
         assert schema_status(engine).up_to_date
         tables = set(inspect(engine).get_table_names())
         assert ALL_TABLES | {"alembic_version"} == tables
-        assert upgrade(db_url) == "0001"  # idempotent
+        assert upgrade(db_url) == HEAD  # idempotent
     finally:
         engine.dispose()
 
@@ -153,13 +155,13 @@ def test_cli_db_upgrade_and_current(db_url: str, monkeypatch: pytest.MonkeyPatch
 
     result = runner.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert "upgraded from empty to 0001" in result.output
+    assert f"upgraded from empty to {HEAD}" in result.output
     result = runner.invoke(app, ["db", "upgrade"])
-    assert "already at revision 0001" in result.output
+    assert f"already at revision {HEAD}" in result.output
 
     result = runner.invoke(app, ["db", "current", "--check"])
     assert result.exit_code == 0
-    assert "revision 0001, head 0001, up to date" in result.output
+    assert f"revision {HEAD}, head {HEAD}, up to date" in result.output
 
 
 def test_audit_command_on_old_schema_tells_to_upgrade(tmp_path: object) -> None:
