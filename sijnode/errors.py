@@ -47,3 +47,15 @@ class DispatchError(SijnodeError):
 
 class NoModelError(SijnodeError):
     """No model is configured for the pipeline a job needs."""
+
+
+class CheckpointError(SijnodeError):
+    """A model checkpoint is refused: truncated, tampered, unknown architecture, wrong task."""
+
+
+class SeriesError(SijnodeError):
+    """A series cannot be read as an ordered stack of slices (geometry, sizes, frames)."""
+
+
+class PipelineError(SijnodeError):
+    """A pipeline cannot be loaded or run with the models and options it was given."""
