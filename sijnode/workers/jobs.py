@@ -12,14 +12,15 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import transaction
 from sijnode.db.records import TERMINAL_JOB_STATES, set_job_state
 from sijnode.db.schema import Job, JobState
-from sijnode.errors import SijnodeError
+from sijnode.errors import NoModelError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: A pipeline implementation: runs a job whose model is known, returns the final state.
 PipelineRunner = Callable[["WorkerContext", Job, ModelIdentity], JobState]
+
+#: States in which a job's inference is done: a re-delivered message leaves them alone.
+INFERENCE_DONE_STATES = TERMINAL_JOB_STATES | {JobState.INFERRED, JobState.REPORTED}
 
 
 @dataclass
@@ -39,6 +43,10 @@ class WorkerContext:
     runners: dict[str, PipelineRunner]
     models: ModelIdentities
     hostname: str = socket.gethostname()
+    #: Device for every pipeline (``sijnode worker --device``); None = each pipeline's own.
+    device: str | None = None
+    #: Loaded (warm) pipelines of this process, by model-set version.
+    loaded: dict[str, Any] = field(default_factory=dict)
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
@@ -48,10 +56,11 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
-        if job.state in TERMINAL_JOB_STATES:
+        if job.state in INFERENCE_DONE_STATES:
             log.info("job already finished", extra=fields(job_id=job_id, state=job.state.value))
             return job.state
         pipeline = job.pipeline
+        job_version = job.model_version
         job.worker_host = ctx.hostname
         job.attempts = (job.attempts or 0) + 1
         set_job_state(session, job, JobState.RUNNING, f"attempt {job.attempts}")
@@ -64,10 +73,17 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         reason = str(exc)
     else:
         reason = (
-            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.checkpoint"
+            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.model"
             if identity is None
             else f"pipeline {pipeline!r} has no implementation in this worker"
         )
+    if identity is not None and job_version is not None and job_version != identity.version:
+        # the job key names a model set; running another one would record a false result
+        reason = (
+            f"job {job_id} needs model {job_version} for pipeline {pipeline!r}; "
+            f"this worker has {identity.version}"
+        )
+        identity = None
     if identity is None or runner is None:
         with transaction(ctx.sessions) as session:
             job = session.get_one(Job, job_id)
@@ -78,6 +94,12 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         job = session.get_one(Job, job_id)
     try:
         final = runner(ctx, job, identity)
+    except NoModelError as exc:  # the model cannot be loaded here: the job waits
+        with transaction(ctx.sessions) as session:
+            job = session.get_one(Job, job_id)
+            set_job_state(session, job, JobState.NO_MODEL, str(exc))
+        log.error("job waits: model not loadable", extra=fields(job_id=job_id, error=str(exc)))
+        return JobState.NO_MODEL
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
         with transaction(ctx.sessions) as session:

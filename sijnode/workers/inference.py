@@ -1,0 +1,259 @@
+"""The inference runner: a job's series from the spool, the pipeline's prediction, the audit.
+
+The worker loads each pipeline's models once per process (:func:`warm`, called from
+Celery's ``worker_process_init`` and by the embedded child at start) and keeps them; a job
+only reads its files and calls ``predict``. A job names its instances relative to the
+spool root, and this worker resolves them against its own ``storage.spool_dir``, so a
+worker with the spool mounted elsewhere (NFS, another compose volume path) finds them.
+The result is recorded through ``db/`` in one transaction (prediction, slice scores raw
+and filtered, decision details, model set rows, stage timings, ``inferred``); heatmaps go
+to ``<data_dir>/results/<job_key>/explanations.npz``, never into the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from sijnode.db.engine import transaction
+from sijnode.db.records import SliceScoreInput, record_prediction, set_job_state
+from sijnode.db.schema import Job, JobState, Prediction, PredictionDetail
+from sijnode.errors import CheckpointError, NoModelError, PipelineError, SeriesError
+from sijnode.logs import fields
+from sijnode.models.identity import ModelIdentity
+from sijnode.workers.model_records import record_model_set, stored_path
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from sijnode.models.registry import LoadedPipeline, StudyInput
+    from sijnode.models.result import PipelineResult
+    from sijnode.workers.jobs import WorkerContext
+
+log = logging.getLogger(__name__)
+
+#: Subdirectory of ``data_dir`` with one directory per job key (no patient identifiers).
+RESULTS_SUBDIR = "results"
+EXPLANATIONS_FILE = "explanations.npz"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def warm(ctx: WorkerContext, identity: ModelIdentity) -> LoadedPipeline:
+    """The loaded pipeline of ``identity``, loaded on first use and kept for the process."""
+    loaded = ctx.loaded.get(identity.version)
+    if loaded is not None:
+        return loaded
+    from sijnode.models.registry import PredictOptions, get_pipeline
+
+    settings = ctx.settings.pipelines[identity.pipeline]
+    device = resolve_device(ctx.device or settings.device)
+    options = PredictOptions(
+        batch_size=settings.batch_size,
+        max_explained=settings.gradcam.max_images if settings.gradcam.enabled else 0,
+        threshold=settings.threshold,
+    )
+    started = time.perf_counter()
+    try:
+        pipeline = get_pipeline(identity.implementation)
+        loaded = pipeline.load(identity.checkpoints(), device, options)
+    except (CheckpointError, PipelineError, ImportError) as exc:
+        raise NoModelError(
+            f"pipeline {identity.pipeline!r}: model {identity.version} cannot be loaded: {exc}"
+        ) from exc
+    with transaction(ctx.sessions) as session:
+        record_model_set(session, identity, ctx.settings.data_dir)
+    ctx.loaded[identity.version] = loaded
+    log.info(
+        "models loaded",
+        extra=fields(
+            pipeline=identity.pipeline,
+            model_version=identity.version,
+            device=device,
+            seconds=round(time.perf_counter() - started, 3),
+        ),
+    )
+    return loaded
+
+
+def spool_file(spool_dir: Path, relpath: str) -> Path:
+    """The worker's own path of a spooled instance; refuses paths outside the spool."""
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise SeriesError(f"expected an instance path relative to the spool root, got {relpath!r}")
+    return spool_dir.joinpath(*rel.parts)
+
+
+def study_input(ctx: WorkerContext, job: Job, study_instance_uid: str) -> StudyInput:
+    """The job's series as absolute paths under this worker's spool."""
+    from sijnode.models.registry import StudyInput
+
+    spool_dir = ctx.settings.storage.spool_dir
+    paths = [spool_file(spool_dir, rel) for rel in job.spool_paths]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    if missing:
+        raise SeriesError(
+            f"expected {len(paths)} spooled instances under storage.spool_dir = "
+            f"{str(spool_dir)!r}, found {len(paths) - len(missing)} (first missing: "
+            f"{job.spool_paths[missing[0]]!r}); is the spool mounted at that path?"
+        )
+    if len(job.series_uids) != 1:
+        raise SeriesError(f"expected one series per job, got {len(job.series_uids)}")
+    return StudyInput.from_paths(study_instance_uid, {job.series_uids[0]: paths})
+
+
+def explanation_arrays(result: PipelineResult) -> dict[str, np.ndarray[Any, Any]]:
+    """The explanations as arrays for an ``.npz`` (heatmaps as uint8, one key each)."""
+    import numpy as np
+
+    arrays: dict[str, np.ndarray[Any, Any]] = {
+        "sop_instance_uid": np.array([e.sop_instance_uid for e in result.explanations], dtype=str),
+        "series_instance_uid": np.array(
+            [e.series_instance_uid for e in result.explanations], dtype=str
+        ),
+        "position_index": np.array([e.position_index for e in result.explanations], np.int32),
+        "score": np.array([e.score for e in result.explanations], np.float32),
+        "peak_region": np.array(
+            [
+                (
+                    e.peak_region.column0,
+                    e.peak_region.row0,
+                    e.peak_region.column1,
+                    e.peak_region.row1,
+                )
+                for e in result.explanations
+            ],
+            np.float32,
+        ).reshape(-1, 4),
+        "laterality": np.array([e.laterality or "" for e in result.explanations], dtype=str),
+    }
+    for index, explanation in enumerate(result.explanations):
+        arrays[f"heatmap_{index}"] = np.asarray(explanation.heatmap, dtype=np.uint8)
+    return arrays
+
+
+def save_explanations(data_dir: Path, job_key: str, result: PipelineResult) -> Path | None:
+    """Write the heatmaps beside the job's outputs (atomically); None without any."""
+    if not result.explanations:
+        return None
+    import numpy as np
+
+    directory = data_dir / RESULTS_SUBDIR / job_key
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / EXPLANATIONS_FILE
+    tmp = directory / f".{EXPLANATIONS_FILE}.{os.getpid()}.tmp"
+    with tmp.open("wb") as fh:
+        np.savez_compressed(fh, allow_pickle=False, **explanation_arrays(result))
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(target)
+    return target
+
+
+def _level(identity: ModelIdentity) -> str:
+    """CT decides per study (Fu et al.: per image, aggregated); MR per subject (Lee et al.)."""
+    return "subject" if identity.implementation == "mr" else "study"
+
+
+def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobState:
+    """Run ``job`` on its pipeline and record the result; the job moves to ``inferred``."""
+    started = time.perf_counter()
+    loaded = warm(ctx, identity)
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Job, job.id)
+        study_uid = row.study.study_instance_uid
+        job_key = row.job_key
+    study = study_input(ctx, job, study_uid)
+    result = loaded.predict(study)
+    predicted = time.perf_counter()
+    explanations = save_explanations(ctx.settings.data_dir, job_key, result)
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Job, job.id, with_for_update=True)
+        already = session.scalar(
+            select(func.count()).select_from(Prediction).where(Prediction.job_id == row.id)
+        )
+        if row.state is not JobState.RUNNING or already:
+            # another delivery of this job got here first: exactly one result is recorded
+            log.warning(
+                "result not recorded: the job moved on",
+                extra=fields(job_id=row.id, state=row.state.value, predictions=already),
+            )
+            return row.state
+        record_model_set(session, identity, ctx.settings.data_dir)
+        if row.model_version is None:  # queued while no model was configured
+            row.model_version = identity.version
+            row.weights_sha256 = identity.weights_sha256
+        relative = (
+            None if explanations is None else stored_path(explanations, ctx.settings.data_dir)
+        )
+        prediction = record_prediction(
+            session,
+            row,
+            result.probability,
+            result.decision.value == "present",
+            result.threshold,
+            slice_scores=[
+                SliceScoreInput(s.sop_instance_uid, s.score, s.filtered_score)
+                for s in result.slices
+            ],
+            level=_level(identity),
+            aggregation=result.aggregation,
+        )
+        session.add(
+            PredictionDetail(
+                prediction_id=prediction.id,
+                decision=result.decision.value,
+                reason=result.reason,
+                finding=result.finding.value,
+                laterality=result.laterality,
+                slice_threshold=result.slice_threshold,
+                aggregation_parameters=dict(result.aggregation_parameters),
+                steps=dict(result.steps),
+                algorithm={
+                    "name": result.algorithm.name,
+                    "version": result.algorithm.version,
+                    "manufacturer": result.algorithm.manufacturer,
+                    "parameters": dict(result.algorithm.parameters),
+                    "model_version": identity.version,
+                    "models": {m.role: m.version for m in identity.members},
+                },
+                device=result.device,
+                precision=result.precision,
+                explanations_path=relative,
+            )
+        )
+        row.device = result.device
+        row.stage_timings = {
+            **{k: round(float(v), 6) for k, v in result.stage_seconds.items()},
+            "predict_total": round(predicted - started, 6),
+            "record": round(time.perf_counter() - predicted, 6),
+        }
+        detail = f"{result.decision.value} p={result.probability:.4f} model {identity.version}"
+        if result.reason:
+            detail += f": {result.reason}"
+        set_job_state(session, row, JobState.INFERRED, detail)
+    log.info(
+        "job inferred",
+        extra=fields(
+            job_id=job.id,
+            pipeline=identity.pipeline,
+            model_version=identity.version,
+            decision=result.decision.value,
+            slices=len(result.slices),
+            explained=len(result.explanations),
+            seconds=round(time.perf_counter() - started, 3),
+        ),
+    )
+    return JobState.INFERRED
