@@ -93,9 +93,14 @@ class LoadedPipeline(Protocol):
 class Pipeline(Protocol):
     """A registered pipeline (not yet loaded)."""
 
-    name: str
-    task: str
-    requires: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def requires(self) -> tuple[str, ...]: ...
 
     def load(
         self,

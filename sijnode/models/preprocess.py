@@ -1,0 +1,159 @@
+"""Slice preprocessing: pure functions of the spec (no torch), shared with training.
+
+CT (Fu et al. 2024, Methods): Hounsfield units (``series.decode`` applies the rescale),
+window (bone by default), CLAHE contrast enhancement (OpenCV), resize keeping the aspect
+ratio with padding, optional ZCA whitening (spec ``Whitening``), channels, normalisation.
+MR (Lee et al. 2021 §2.3): the seeded noise step, percentile intensity scaling; the ROI
+patch itself is ``models/roi.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from sijnode.models.spec import (
+    CTPreprocessing,
+    LocalizerPreprocessing,
+    MRPreprocessing,
+    NoiseStep,
+    Whitening,
+)
+
+Image = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a slice was placed in the network input: ``input = pad(resize(slice))``."""
+
+    source_shape: tuple[int, int]  # (rows, columns) of the slice
+    input_shape: tuple[int, int]  # (height, width) of the input
+    scale: float
+    offset: tuple[int, int]  # (row, column) of the resized slice's top-left in the input
+    size: tuple[int, int]  # (rows, columns) of the resized slice
+
+    def to_source(self, values: Image) -> Image:
+        """Undo the pad and resize of an input-sized map: a map on the slice's grid."""
+        r0, c0 = self.offset
+        h, w = self.size
+        crop = np.ascontiguousarray(values[r0 : r0 + h, c0 : c0 + w])
+        rows, columns = self.source_shape
+        out = cv2.resize(crop, (columns, rows), interpolation=cv2.INTER_LINEAR)
+        return out.astype(np.float32, copy=False)
+
+    def point_to_source(self, row: float, column: float) -> tuple[float, float]:
+        """An input-space point (row, column) in slice pixels."""
+        return (row - self.offset[0]) / self.scale, (column - self.offset[1]) / self.scale
+
+
+def window(hu: Image, center: float, width: float) -> Image:
+    """Linear window to [0, 1]: ``center ± width/2`` (bone window by default)."""
+    low = center - width / 2.0
+    out = (hu - np.float32(low)) * np.float32(1.0 / width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def clahe(image01: Image, clip_limit: float, tile_grid: tuple[int, int]) -> Image:
+    """OpenCV CLAHE on the 8-bit image; ``clip_limit`` 0 returns the input."""
+    if clip_limit <= 0:
+        return image01
+    u8 = np.round(image01 * 255.0).astype(np.uint8)
+    out = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=tile_grid).apply(u8)
+    return out.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def letterbox(
+    image: Image, shape: tuple[int, int], pad_value: float = 0.0
+) -> tuple[Image, Letterbox]:
+    """Resize ``image`` into ``shape`` keeping its aspect ratio, centred, padded."""
+    rows, columns = image.shape
+    height, width = shape
+    scale = min(height / rows, width / columns)
+    h = max(1, min(height, round(rows * scale)))
+    w = max(1, min(width, round(columns * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (w, h), interpolation=interpolation)
+    out = np.full((height, width), pad_value, dtype=np.float32)
+    r0, c0 = (height - h) // 2, (width - w) // 2
+    out[r0 : r0 + h, c0 : c0 + w] = resized
+    return out, Letterbox((rows, columns), (height, width), scale, (r0, c0), (h, w))
+
+
+def whiten(image: Image, whitening: Whitening) -> Image:
+    """ZCA whitening of each pixel's ``patch``×``patch`` neighbourhood (spec ``Whitening``)."""
+    n = whitening.patch
+    matrix = np.asarray(whitening.matrix, dtype=np.float32)
+    centre = matrix[(n * n) // 2]
+    mean = np.asarray(whitening.mean, dtype=np.float32)
+    kernel = centre.reshape(n, n)
+    out = cv2.filter2D(image, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT_101)
+    return out - np.float32(centre @ mean)
+
+
+def to_channels(
+    image: Image, channels: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Image:
+    """(C, H, W) float32: the image repeated over channels, each normalised."""
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    stacked = np.broadcast_to(image, (channels, *image.shape))
+    return np.ascontiguousarray((stacked - m) / s, dtype=np.float32)
+
+
+def ct_slice(
+    hu: Image, spec: CTPreprocessing, input_size: tuple[int, int]
+) -> tuple[Image, Letterbox]:
+    """A CT slice in HU -> the network input (C, H, W) and its placement."""
+    image = window(hu, spec.window_center, spec.window_width)
+    image = clahe(image, spec.clahe_clip_limit, spec.clahe_tile_grid)
+    image, placement = letterbox(image, input_size, spec.pad_value)
+    if spec.whitening is not None:
+        image = whiten(image, spec.whitening)
+    return to_channels(image, spec.channels, spec.mean, spec.std), placement
+
+
+def scale_intensity(pixels: Image, percentiles: tuple[float, float]) -> Image:
+    """Map the slice's ``percentiles`` of its pixel values to [0, 1], clipped (MR)."""
+    low, high = np.percentile(pixels, percentiles)
+    span = float(high - low)
+    if not math.isfinite(span) or span <= 1e-6:
+        return np.zeros_like(pixels, dtype=np.float32)
+    out = (pixels - np.float32(low)) * np.float32(1.0 / span)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+def noise_step(pixels: Image, noise: NoiseStep, seed: int, index: int) -> Image:
+    """Lee et al. 2021 §2.3: Gaussian (variance 0.3) plus Poisson with mean (ln p)^4.
+
+    Deterministic: the stream is seeded by (study seed, slice index), so one study gives
+    one answer. Applied to the stored pixel values; the result is clipped at 0.
+    """
+    if not noise.enabled:
+        return pixels
+    rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, index])
+    gaussian = rng.normal(0.0, math.sqrt(noise.gaussian_variance), pixels.shape)
+    lam = np.log(np.maximum(pixels, 1.0)) ** noise.poisson_log_power
+    poisson = rng.poisson(lam).astype(np.float64)
+    if noise.poisson_centred:
+        poisson -= lam
+    out = pixels + gaussian + poisson
+    return np.maximum(out, 0.0).astype(np.float32)
+
+
+def localizer_slice(
+    pixels: Image, spec: LocalizerPreprocessing, input_size: tuple[int, int]
+) -> tuple[Image, Letterbox]:
+    """An MR slice -> the localiser input (1, H, W) and its placement."""
+    image = scale_intensity(pixels, spec.intensity_percentiles)
+    image, placement = letterbox(image, input_size, 0.0)
+    return to_channels(image, spec.channels, spec.mean, spec.std), placement
+
+
+def mr_patch_input(patch01: Image, spec: MRPreprocessing) -> Image:
+    """A joined ROI patch in [0, 1] (already patch_size²) -> the network input."""
+    return to_channels(patch01, spec.channels, spec.mean, spec.std)
