@@ -123,3 +123,20 @@ def seeded_state_dict(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
         elif name.endswith("running_mean"):
             state[name] = 0.05 * torch.randn(tensor.shape, generator=generator)
     return state
+
+
+def fixed_box_localizer_state(
+    spec: ModelSpec, boxes: tuple[float, ...], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Localiser weights that predict the same 8 normalised coordinates for every slice.
+
+    Seeded features, a zero last layer whose bias is ``logit(boxes)``: a deterministic
+    stand-in for a trained localiser in tests and benchmarks (training is another issue).
+    """
+    if len(boxes) != 8 or not all(0.0 < v < 1.0 for v in boxes):
+        raise ValueError(f"expected 8 normalised coordinates in (0, 1), got {boxes}")
+    state = seeded_state_dict(spec, seed)
+    target = torch.tensor(boxes, dtype=torch.float32)
+    state["head.3.weight"] = torch.zeros_like(state["head.3.weight"])
+    state["head.3.bias"] = torch.log(target / (1.0 - target))
+    return state

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from sijnode.models.roi import Box, RoiBoxes, roi_patch
 from sijnode.models.spec import (
     CTPreprocessing,
     LocalizerPreprocessing,
@@ -117,10 +118,20 @@ def ct_slice(
     return to_channels(image, spec.channels, spec.mean, spec.std), placement
 
 
-def scale_intensity(pixels: Image, percentiles: tuple[float, float]) -> Image:
-    """Map the slice's ``percentiles`` of its pixel values to [0, 1], clipped (MR)."""
+def intensity_range(pixels: Image, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The slice's ``percentiles`` of its pixel values (MR intensity scaling)."""
     low, high = np.percentile(pixels, percentiles)
-    span = float(high - low)
+    return float(low), float(high)
+
+
+def scale_intensity(
+    pixels: Image,
+    percentiles: tuple[float, float],
+    value_range: tuple[float, float] | None = None,
+) -> Image:
+    """Map the slice's ``percentiles`` (or a given ``value_range``) to [0, 1], clipped."""
+    low, high = value_range if value_range is not None else intensity_range(pixels, percentiles)
+    span = high - low
     if not math.isfinite(span) or span <= 1e-6:
         return np.zeros_like(pixels, dtype=np.float32)
     out = (pixels - np.float32(low)) * np.float32(1.0 / span)
@@ -146,14 +157,42 @@ def noise_step(pixels: Image, noise: NoiseStep, seed: int, index: int) -> Image:
 
 
 def localizer_slice(
-    pixels: Image, spec: LocalizerPreprocessing, input_size: tuple[int, int]
+    pixels: Image,
+    spec: LocalizerPreprocessing,
+    input_size: tuple[int, int],
+    value_range: tuple[float, float] | None = None,
 ) -> tuple[Image, Letterbox]:
     """An MR slice -> the localiser input (1, H, W) and its placement."""
-    image = scale_intensity(pixels, spec.intensity_percentiles)
+    image = scale_intensity(pixels, spec.intensity_percentiles, value_range)
     image, placement = letterbox(image, input_size, 0.0)
     return to_channels(image, spec.channels, spec.mean, spec.std), placement
 
 
-def mr_patch_input(patch01: Image, spec: MRPreprocessing) -> Image:
-    """A joined ROI patch in [0, 1] (already patch_size²) -> the network input."""
-    return to_channels(patch01, spec.channels, spec.mean, spec.std)
+def mr_roi_input(
+    pixels: Image,
+    rois: RoiBoxes,
+    spec: MRPreprocessing,
+    value_range: tuple[float, float],
+    seed: int,
+    index: int,
+) -> Image:
+    """An MR slice and its ROI boxes -> the classifier input (C, patch, patch).
+
+    The noise step (when enabled) is drawn for the pixels of the two boxes' union only,
+    the pixels the classifier sees; intensity scaling uses the clean slice's percentiles
+    (``value_range``), so the localiser and the classifier scale alike.
+    """
+    u = Box(
+        min(rois.left.x0, rois.right.x0),
+        min(rois.left.y0, rois.right.y0),
+        max(rois.left.x1, rois.right.x1),
+        max(rois.left.y1, rois.right.y1),
+    )
+    image = np.zeros_like(pixels, dtype=np.float32)
+    region = pixels[u.y0 : u.y1, u.x0 : u.x1]
+    region = noise_step(region, spec.noise, seed, index)
+    image[u.y0 : u.y1, u.x0 : u.x1] = scale_intensity(
+        region, spec.intensity_percentiles, value_range
+    )
+    patch = roi_patch(image, rois, spec.patch_size)
+    return to_channels(patch, spec.channels, spec.mean, spec.std)
