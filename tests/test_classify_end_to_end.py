@@ -307,3 +307,50 @@ def test_jobs_name_spool_paths_relative_to_the_spool_root(tmp_path: Path) -> Non
         assert send(datasets, node.scp.port) == [SUCCESS] * 3
         job = wait_for(lambda: _job_of(sessions, str(datasets[0].StudyInstanceUID)))
         assert job.spool_paths and all(not Path(p).is_absolute() for p in job.spool_paths)
+
+
+def test_embedded_mr_study_runs_classifier_and_localizer(tmp_path: Path) -> None:
+    """The MR set (ROI classifier + SI-joint localiser) runs and is recorded as a set."""
+    from sijnode.synth import generate_mr_study
+    from tests.models_support import localizer_checkpoint, mr_checkpoint, truth_boxes
+
+    study = generate_mr_study(seed=5, subject_index=7, positive=True, side="both", n_slices=6)
+    models = tmp_path / "models"
+    models.mkdir()
+    mr_path, mr = mr_checkpoint(models, size=64)
+    loc_path, loc = localizer_checkpoint(models, truth_boxes(study), size=64)
+    settings = node_settings(
+        tmp_path,
+        data_dir=str(tmp_path / "data"),
+        pipelines={
+            "mr": {"model": str(mr_path), "localizer": str(loc_path), "device": "cpu"},
+        },
+    )
+    with running_node(settings) as node:
+        assert send(study.datasets, node.scp.port) == [SUCCESS] * len(study.datasets)
+
+        def inferred() -> Job | None:
+            job = _job_of(node.sessions, study.study_instance_uid)
+            assert job is None or job.state not in (JobState.FAILED, JobState.NO_MODEL), (
+                job.state,
+                job.error,
+            )
+            return job if job is not None and job.state is JobState.INFERRED else None
+
+        job = wait_for(inferred, timeout=240, interval=0.5)
+        assert job.model_version is not None and job.model_version.startswith("mr-set-")
+        with node.sessions() as s:
+            members = models_of_job_version(s, job.model_version)
+            assert {role: m.version for role, m in members.items()} == {
+                "model": mr.version,
+                "localizer": loc.version,
+            }
+            (prediction,) = s.scalars(select(Prediction).where(Prediction.job_id == job.id))
+            assert prediction.level == "subject"
+            assert prediction.aggregation == "median_decisions_mean"
+            assert len(prediction.slices) == len(study.datasets)
+            detail = s.scalars(
+                select(PredictionDetail).where(PredictionDetail.prediction_id == prediction.id)
+            ).one()
+            assert detail.steps, "localisation and aggregation are recorded steps"
+            assert "localise" in s.get_one(Job, job.id).stage_timings
