@@ -349,6 +349,12 @@ class MetricsSettings(_Section):
 
     port: int = Field(9108, ge=0, le=65535, description="Metrics HTTP port; 0 disables.")
     bind_address: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+    worker_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Metrics port of a worker process (sijnode worker, embedded child); 0 = off.",
+    )
 
 
 class LoggingSettings(_Section):

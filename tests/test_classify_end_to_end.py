@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from sijnode.models.spec import ModelSpec
 from sijnode.synth import generate_ct_study
 from sijnode.workers.inference import EXPLANATIONS_FILE, RESULTS_SUBDIR
 from sijnode.workers.model_records import models_of_job_version
+from tests.conftest import free_port
 from tests.model_files import ct_spec, seeded_checkpoint
 from tests.nodes import node_settings, running_node, send, wait_for
 
@@ -143,6 +145,35 @@ def test_embedded_worker_records_a_result(tmp_path: Path, ct_model: tuple[Path, 
         assert node.embedded.child_pid == child  # models stayed loaded in the same child
 
 
+@pytest.mark.gpu
+def test_embedded_worker_on_cuda(tmp_path: Path, ct_model: tuple[Path, ModelSpec]) -> None:
+    """The same path with ``device = "cuda"``: the device is recorded with the result."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    path, _spec = ct_model
+    settings = node_settings(
+        tmp_path,
+        data_dir=str(tmp_path / "data"),
+        pipelines={"ct": {"model": str(path), "device": "cuda", "batch_size": 16}},
+    )
+    datasets = _study(8)
+    with running_node(settings) as node:
+        assert send(datasets, node.scp.port) == [SUCCESS] * len(datasets)
+        uid = str(datasets[0].StudyInstanceUID)
+        job = wait_for(
+            lambda: (
+                (j := _job_of(node.sessions, uid)) is not None
+                and j.state is JobState.INFERRED
+                and j
+            ),
+            timeout=240,
+            interval=0.5,
+        )
+        assert job.device is not None and job.device.startswith("cuda")
+
+
 class Worker:
     """A real ``sijnode worker`` process with its log file."""
 
@@ -215,6 +246,8 @@ def test_worker_process_on_redis_records_results_and_errors(
 ) -> None:
     path, spec = ct_model
     settings, env = _broker_setup(tmp_path, redis_url, pg_url, path)
+    metrics_port = free_port()
+    env["SIJNODE_METRICS__WORKER_PORT"] = str(metrics_port)
     worker = Worker(env, tmp_path / "worker.log")
     try:
         with running_node(settings, migrate=False) as node:
@@ -240,6 +273,13 @@ def test_worker_process_on_redis_records_results_and_errors(
                 assert s.scalar(select(func.count()).select_from(Prediction)) == 1
             log = (tmp_path / "worker.log").read_text()
             assert log.count('"models loaded"') == 1, "models load once per worker process"
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            assert 'sijnode_worker_jobs_total{pipeline="ct",state="failed"} 2.0' in text
+            assert 'sijnode_worker_jobs_total{pipeline="ct",state="inferred"} 1.0' in text
+            assert 'sijnode_worker_stage_seconds_count{pipeline="ct",stage="infer"} 1.0' in text
+            assert 'sijnode_worker_model_load_seconds_count{pipeline="ct"} 1.0' in text
     finally:
         worker.stop()
 

@@ -47,6 +47,21 @@ class _SijnodeCelery(Celery):
         """Load the models of ``pipelines`` now; a pipeline without a usable model is logged."""
         ctx = self.worker_context()
         warm_pipelines(ctx, pipelines)
+        serve_metrics(ctx)
+
+
+def serve_metrics(ctx: WorkerContext) -> None:
+    """Serve the worker's metrics on ``metrics.worker_port`` (0: not served)."""
+    port = ctx.settings.metrics.worker_port
+    if not port:
+        return
+    try:
+        ctx.metrics.serve(port, ctx.settings.metrics.bind_address)
+    except OSError as exc:  # e.g. a second worker on this host: its jobs still run
+        log.error(
+            "worker metrics not served",
+            extra=fields(port=port, error=f"cannot listen on port {port}: {exc.strerror}"),
+        )
 
 
 def warm_pipelines(ctx: WorkerContext, pipelines: list[str]) -> None:

@@ -39,13 +39,14 @@ def _child_main(settings_json: str, device: str | None, jobs: Any, done: Any) ->
     """Body of the child process: build a worker context, load the models, run jobs."""
     from sijnode.logs import configure_logging
     from sijnode.settings import Settings
-    from sijnode.workers.celery_app import warm_pipelines
+    from sijnode.workers.celery_app import serve_metrics, warm_pipelines
     from sijnode.workers.context import make_worker_context
 
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging.level, settings.logging.json_format)
     ctx = make_worker_context(settings, device=device)
     warm_pipelines(ctx, list(settings.pipelines))  # once, before the first job
+    serve_metrics(ctx)
     done.put(("ready", None))
     while True:
         job_id = jobs.get()

@@ -76,6 +76,9 @@ def warm(ctx: WorkerContext, identity: ModelIdentity) -> LoadedPipeline:
     with transaction(ctx.sessions) as session:
         record_model_set(session, identity, ctx.settings.data_dir)
     ctx.loaded[identity.version] = loaded
+    ctx.metrics.model_load_seconds.labels(pipeline=identity.pipeline).observe(
+        time.perf_counter() - started
+    )
     log.info(
         "models loaded",
         extra=fields(
@@ -244,6 +247,10 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
         if result.reason:
             detail += f": {result.reason}"
         set_job_state(session, row, JobState.INFERRED, detail)
+        stages = dict(row.stage_timings)
+    for stage, seconds in stages.items():
+        ctx.metrics.stage_seconds.labels(pipeline=identity.pipeline, stage=stage).observe(seconds)
+    ctx.metrics.predictions.labels(pipeline=identity.pipeline, decision=result.decision.value).inc()
     log.info(
         "job inferred",
         extra=fields(

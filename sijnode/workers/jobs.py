@@ -24,6 +24,7 @@ from sijnode.errors import NoModelError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
+from sijnode.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class WorkerContext:
     device: str | None = None
     #: Loaded (warm) pipelines of this process, by model-set version.
     loaded: dict[str, Any] = field(default_factory=dict)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
@@ -89,6 +91,7 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
             job = session.get_one(Job, job_id)
             set_job_state(session, job, JobState.NO_MODEL, reason)
         log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=JobState.NO_MODEL.value).inc()
         return JobState.NO_MODEL
     with transaction(ctx.sessions) as session:
         job = session.get_one(Job, job_id)
@@ -99,6 +102,7 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
             job = session.get_one(Job, job_id)
             set_job_state(session, job, JobState.NO_MODEL, str(exc))
         log.error("job waits: model not loadable", extra=fields(job_id=job_id, error=str(exc)))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=JobState.NO_MODEL.value).inc()
         return JobState.NO_MODEL
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
@@ -106,9 +110,10 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
             job = session.get_one(Job, job_id)
             set_job_state(session, job, JobState.FAILED, str(exc))
         log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=JobState.FAILED.value).inc()
         return JobState.FAILED
-    log.info(
-        "job finished",
-        extra=fields(job_id=job_id, state=final.value, seconds=time.perf_counter() - started),
-    )
+    seconds = time.perf_counter() - started
+    log.info("job finished", extra=fields(job_id=job_id, state=final.value, seconds=seconds))
+    ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
+    ctx.metrics.job_seconds.labels(pipeline=pipeline).observe(seconds)
     return final
