@@ -145,6 +145,49 @@ def test_embedded_worker_records_a_result(tmp_path: Path, ct_model: tuple[Path, 
         assert node.embedded.child_pid == child  # models stayed loaded in the same child
 
 
+def test_embedded_child_killed_mid_job_runs_the_job_again(
+    tmp_path: Path, ct_model: tuple[Path, ModelSpec]
+) -> None:
+    """``kill -9`` of the embedded child: a fresh child runs the job again, one result."""
+    path, spec = ct_model
+    settings = node_settings(
+        tmp_path,
+        data_dir=str(tmp_path / "data"),
+        pipelines={"ct": {"model": str(path), "device": "cpu", "batch_size": 2}},
+    )
+    datasets = _study(9, n=12)
+    with running_node(settings) as node:
+        assert node.embedded is not None
+        first = wait_for(lambda: node.embedded.child_pid, timeout=60)
+        assert send(datasets, node.scp.port) == [SUCCESS] * len(datasets)
+        uid = str(datasets[0].StudyInstanceUID)
+        job = wait_for(
+            lambda: (
+                (j := _job_of(node.sessions, uid)) is not None and j.state is JobState.RUNNING and j
+            ),
+            timeout=120,
+            interval=0.05,
+        )
+        os.kill(first, signal.SIGKILL)
+        job = wait_for(
+            lambda: (
+                (j := _job_of(node.sessions, uid)) is not None
+                and j.state is JobState.INFERRED
+                and j
+            ),
+            timeout=240,
+            interval=0.5,
+        )
+        assert job.attempts == 2
+        assert node.embedded.child_pid not in (None, first)
+        with node.sessions() as s:
+            count = s.scalar(
+                select(func.count()).select_from(Prediction).where(Prediction.job_id == job.id)
+            )
+        assert count == 1
+        _check_result(node.sessions, job, spec, len(datasets), tmp_path / "data")
+
+
 @pytest.mark.gpu
 def test_embedded_worker_on_cuda(tmp_path: Path, ct_model: tuple[Path, ModelSpec]) -> None:
     """The same path with ``device = "cuda"``: the device is recorded with the result."""
