@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from sijnode.models.registry import PredictOptions, get_pipeline
-from sijnode.models.result import Decision, PipelineResult
+from sijnode.models.result import (
+    Decision,
+    PipelineResult,
+    load_result,
+    result_to_dict,
+    save_result,
+)
 from tests.models_support import (
     ct_checkpoint,
     ct_study,
@@ -109,3 +115,13 @@ def test_mr_golden_gpu(tmp_path: Path) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     scores, _ = _mr(tmp_path, "cuda")
     np.testing.assert_allclose(scores, MR_GOLDEN, atol=GPU_TOL)
+
+
+def test_result_round_trips_through_json_and_npz(tmp_path: Path) -> None:
+    _, result = _ct(tmp_path, "cpu")
+    save_result(result, tmp_path / "out")
+    back = load_result(tmp_path / "out")
+    assert result_to_dict(back) == result_to_dict(result)
+    for a, b in zip(result.explanations, back.explanations, strict=True):
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+        assert b.heatmap.dtype == np.uint8

@@ -41,7 +41,7 @@ class HiddenHead(nn.Sequential):
 
 
 class LocalizerCNN(nn.Module):
-    """Five conv blocks, a 4×4 spatial map flattened (keeps position), two FC layers.
+    """Five conv blocks (/32), a 4×4 spatial map flattened (keeps position), two FC layers.
 
     Output: (N, 8) in [0, 1]: ``x0, y0, x1, y1`` of the box on the image's left half, then
     of the box on its right half, normalised to the input size.
@@ -52,13 +52,17 @@ class LocalizerCNN(nn.Module):
         widths = (16, 32, 64, 96, 128)
         layers: list[nn.Module] = []
         previous = in_channels
-        for width in widths:
+        for k, width in enumerate(widths):
+            # The first block halves the resolution by its stride (cheaper than conv + pool
+            # at full resolution); the others pool.
+            stride = 2 if k == 0 else 1
             layers += [
-                nn.Conv2d(previous, width, 3, padding=1, bias=False),
+                nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
             ]
+            if k > 0:
+                layers.append(nn.MaxPool2d(2))
             previous = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(4)

@@ -9,7 +9,9 @@ and are never stored in the database (they travel in an ``.npz`` beside the job'
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,3 +128,79 @@ class PipelineResult:
             raise ValueError(f"probability must be in [0, 1], got {self.probability}")
         if self.decision is Decision.INDETERMINATE and not self.reason:
             raise ValueError("an Indeterminate result needs a reason")
+
+
+# -- persistence: JSON for the record, an .npz beside it for the heatmaps ------------------
+
+RESULT_JSON = "result.json"
+HEATMAPS_NPZ = "heatmaps.npz"
+
+
+def result_to_dict(result: PipelineResult) -> dict[str, Any]:
+    """Everything but the heatmaps, JSON-ready (heatmaps are keyed by SOPInstanceUID)."""
+    return {
+        "pipeline": result.pipeline,
+        "finding": result.finding.value,
+        "decision": result.decision.value,
+        "probability": result.probability,
+        "threshold": result.threshold,
+        "slice_threshold": result.slice_threshold,
+        "aggregation": result.aggregation,
+        "aggregation_parameters": result.aggregation_parameters,
+        "study_instance_uid": result.study_instance_uid,
+        "slices": [vars(s) for s in result.slices],
+        "explanations": [
+            {k: v for k, v in vars(e).items() if k != "heatmap"}
+            | {"peak_region": vars(e.peak_region)}
+            for e in result.explanations
+        ],
+        "algorithm": vars(result.algorithm),
+        "device": result.device,
+        "precision": result.precision,
+        "stage_seconds": result.stage_seconds,
+        "laterality": result.laterality,
+        "reason": result.reason,
+        "steps": result.steps,
+    }
+
+
+def result_from_dict(data: dict[str, Any], heatmaps: dict[str, np.ndarray]) -> PipelineResult:
+    """The inverse of :func:`result_to_dict`, with heatmaps by SOPInstanceUID."""
+    explanations = tuple(
+        Explanation(
+            **{k: v for k, v in e.items() if k != "peak_region"},
+            peak_region=Region(**e["peak_region"]),
+            heatmap=np.asarray(heatmaps[e["sop_instance_uid"]], dtype=np.uint8),
+        )
+        for e in data["explanations"]
+    )
+    return PipelineResult(
+        **{
+            k: v
+            for k, v in data.items()
+            if k not in {"finding", "decision", "slices", "explanations", "algorithm"}
+        },
+        finding=Finding(data["finding"]),
+        decision=Decision(data["decision"]),
+        slices=tuple(SliceResult(**s) for s in data["slices"]),
+        explanations=explanations,
+        algorithm=AlgorithmIdentity(**data["algorithm"]),
+    )
+
+
+def save_result(result: PipelineResult, directory: Path) -> Path:
+    """Write ``result.json`` and ``heatmaps.npz`` (uint8, compressed) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    heatmaps = {e.sop_instance_uid: e.heatmap for e in result.explanations}
+    np.savez_compressed(directory / HEATMAPS_NPZ, **heatmaps)  # type: ignore[arg-type]
+    text = json.dumps(result_to_dict(result), sort_keys=True, allow_nan=False, indent=1)
+    (directory / RESULT_JSON).write_text(text + "\n", encoding="utf-8")
+    return directory
+
+
+def load_result(directory: Path) -> PipelineResult:
+    """Read what :func:`save_result` wrote."""
+    data = json.loads((directory / RESULT_JSON).read_text(encoding="utf-8"))
+    with np.load(directory / HEATMAPS_NPZ) as npz:
+        heatmaps = {k: npz[k] for k in npz.files}
+    return result_from_dict(data, heatmaps)

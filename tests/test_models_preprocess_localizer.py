@@ -1,0 +1,139 @@
+"""Preprocessing functions, localiser plausibility rules, the MR pipeline's Indeterminate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sijnode.errors import PipelineError
+from sijnode.models.localizer import check_boxes
+from sijnode.models.preprocess import (
+    ct_slice,
+    letterbox,
+    noise_step,
+    scale_intensity,
+    whiten,
+    window,
+)
+from sijnode.models.registry import PredictOptions, get_pipeline, pipeline_names
+from sijnode.models.result import Decision
+from sijnode.models.roi import Box
+from sijnode.models.spec import CTPreprocessing, LocalizerPreprocessing, NoiseStep, Whitening
+from tests.models_support import localizer_checkpoint, mr_checkpoint, mr_study
+
+
+def test_window_is_linear_and_clipped() -> None:
+    hu = np.array([-500.0, 400.0, 1300.0, 3000.0], dtype=np.float32)
+    np.testing.assert_allclose(window(hu, 400, 1800), [0.0, 0.5, 1.0, 1.0])
+
+
+def test_letterbox_keeps_aspect_and_inverts() -> None:
+    image = np.ones((100, 200), dtype=np.float32)
+    out, placement = letterbox(image, (64, 64), pad_value=0.0)
+    assert out.shape == (64, 64) and placement.size == (32, 64) and placement.offset == (16, 0)
+    assert out[:16].max() == 0 and np.allclose(out[16:48], 1.0)
+    back = placement.to_source(out)
+    assert back.shape == (100, 200) and np.allclose(back, 1.0)
+    assert placement.point_to_source(16, 32) == (0.0, 100.0)
+
+
+def test_identity_whitening_changes_nothing() -> None:
+    n = 3
+    identity = tuple(tuple(float(i == j) for j in range(n * n)) for i in range(n * n))
+    image = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        whiten(image, Whitening(patch=n, mean=(0.0,) * 9, matrix=identity)), image
+    )
+    shifted = whiten(image, Whitening(patch=n, mean=(0.25,) * 9, matrix=identity))
+    np.testing.assert_allclose(shifted, image - 0.25, atol=1e-6)
+
+
+def test_ct_slice_shapes_and_normalisation() -> None:
+    hu = np.full((40, 50), 400.0, dtype=np.float32)
+    x, placement = ct_slice(hu, CTPreprocessing(clahe_clip_limit=0), (32, 32))
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    r0 = placement.offset[0]
+    np.testing.assert_allclose(
+        x[:, r0 + 2, 5], (0.5 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], atol=1e-5
+    )
+
+
+def test_noise_step_is_seeded() -> None:
+    pixels = np.full((32, 32), 1000.0, dtype=np.float32)
+    on = NoiseStep(enabled=True)
+    a, b = noise_step(pixels, on, 7, 0), noise_step(pixels, on, 7, 0)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, noise_step(pixels, on, 7, 1))
+    assert not np.array_equal(a, noise_step(pixels, on, 8, 0))
+    # Poisson part: variance (ln 1000)^4 ≈ 2275, centred.
+    assert abs(float(a.mean()) - 1000.0) < 5 and 30 < float(a.std()) < 65
+    assert noise_step(pixels, NoiseStep(enabled=False), 7, 0) is pixels
+
+
+def test_scale_intensity_percentiles() -> None:
+    pixels = np.arange(101, dtype=np.float32)
+    np.testing.assert_allclose(scale_intensity(pixels, (0, 100))[[0, 50, 100]], [0, 0.5, 1])
+    assert not scale_intensity(np.zeros(5, np.float32), (1, 99)).any()
+
+
+RULES = LocalizerPreprocessing()
+GOOD = (75.0, 128.0, 149.0, 314.0, 293.0, 117.0, 348.0, 304.0)
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reason"),
+    [
+        (GOOD, None),
+        ((75.0, 128.0, 75.2, 314.0, *GOOD[4:]), "image-left box has zero size"),
+        ((*GOOD[:4], 500.0, 117.0, 600.0, 304.0), "image-right box lies outside the image"),
+        ((*GOOD[4:], *GOOD[:4]), "sides swapped"),
+        ((75.0, 128.0, 78.0, 314.0, *GOOD[4:]), "too small"),
+        ((0.0, 0.0, 440.0, 440.0, *GOOD[4:]), "too large"),
+        ((100.0, 128.0, 200.0, 314.0, 110.0, 128.0, 210.0, 314.0), "overlap"),
+        ((float("nan"), *GOOD[1:]), "non-finite"),
+    ],
+)
+def test_localizer_plausibility(predicted: tuple[float, ...], reason: str | None) -> None:
+    found = check_boxes(3, predicted, (448, 448), RULES)
+    if reason is None:
+        assert found.boxes == (Box(75, 128, 149, 314), Box(293, 117, 348, 304))
+        assert found.reason is None
+    else:
+        assert found.boxes is None and reason in str(found.reason)
+        assert found.record()["reason"] == found.reason
+
+
+def test_box_partly_outside_is_clipped() -> None:
+    found = check_boxes(0, (-10.0, 128.0, 60.0, 314.0, *GOOD[4:]), (448, 448), RULES)
+    assert found.boxes is not None and found.boxes[0] == Box(0, 128, 60, 314)
+
+
+def test_no_plausible_joint_is_indeterminate(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    _, study = mr_study(tmp_path / "mr", n_slices=4)
+    model, _ = mr_checkpoint(tmp_path)
+    localizer, _ = localizer_checkpoint(tmp_path)  # random weights: degenerate boxes
+    pipeline = get_pipeline("mr").load(
+        {"model": model, "localizer": localizer}, "cpu", PredictOptions(batch_size=4)
+    )
+    result = pipeline.predict(study)
+    assert result.decision is Decision.INDETERMINATE
+    assert result.reason is not None and "no plausible SI joint" in result.reason
+    assert result.slices == () and result.explanations == ()
+    assert len(result.steps["localisation"]["rejected"]) == 4
+
+
+def test_mr_without_localizer_names_it(tmp_path: Path) -> None:
+    model, _ = mr_checkpoint(tmp_path)
+    with pytest.raises(PipelineError, match=r"missing \[.localizer.\].*localiser"):
+        get_pipeline("mr").load({"model": model}, "cpu")
+
+
+def test_registry() -> None:
+    assert {"ct", "mr"} <= set(pipeline_names())
+    assert get_pipeline("mr").requires == ("model", "localizer")
+    with pytest.raises(PipelineError, match="unknown pipeline 'pet'"):
+        get_pipeline("pet")
