@@ -35,9 +35,10 @@ from sijnode.db.schema import (
     PredictionDetail,
     Study,
 )
+from sijnode.models.result import HEATMAPS_NPZ, load_result
 from sijnode.models.spec import ModelSpec
 from sijnode.synth import generate_ct_study
-from sijnode.workers.inference import EXPLANATIONS_FILE, RESULTS_SUBDIR
+from sijnode.workers.inference import RESULTS_SUBDIR
 from sijnode.workers.model_records import models_of_job_version
 from tests.conftest import free_port
 from tests.model_files import ct_spec, seeded_checkpoint
@@ -105,10 +106,13 @@ def _check_result(sessions: Any, job: Job, spec: ModelSpec, n: int, data_dir: Pa
         for stage in ("decode", "preprocess", "infer"):
             assert stage in row.stage_timings, row.stage_timings
         # explanations beside the job's outputs, named by the job key (no identifiers)
-        assert detail.explanations_path == f"{RESULTS_SUBDIR}/{row.job_key}/{EXPLANATIONS_FILE}"
-    with np.load(data_dir / detail.explanations_path) as npz:
-        assert npz["heatmap_0"].dtype == np.uint8
-        assert len(npz["position_index"]) >= 1
+        assert detail.result_dir == f"{RESULTS_SUBDIR}/{row.job_key}"
+        probability = prediction.probability
+    saved = load_result(data_dir / detail.result_dir)  # what the reports step reads
+    assert saved.probability == pytest.approx(probability)
+    assert saved.explanations and saved.explanations[0].heatmap.dtype == np.uint8
+    with np.load(data_dir / detail.result_dir / HEATMAPS_NPZ) as npz:
+        assert len(npz.files) == len(saved.explanations)
 
 
 def test_embedded_worker_records_a_result(tmp_path: Path, ct_model: tuple[Path, ModelSpec]) -> None:

@@ -460,7 +460,7 @@ class PredictionDetail(Base):
 
     The decision (present, absent, indeterminate) and its reason, the slice threshold, the
     aggregation's parameters, the recorded steps (localisation boxes, rejected boxes, noise
-    seed), the device and precision, and the explanations file relative to ``data_dir``.
+    seed), the device and precision, and the result directory relative to ``data_dir``.
     """
 
     __tablename__ = "prediction_details"
@@ -477,4 +477,5 @@ class PredictionDetail(Base):
     algorithm: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     device: Mapped[str] = mapped_column(String(32))
     precision: Mapped[str] = mapped_column(String(16))
-    explanations_path: Mapped[str | None] = mapped_column(Text)
+    #: ``result.json`` and ``heatmaps.npz`` of the job, relative to ``data_dir``.
+    result_dir: Mapped[str | None] = mapped_column(Text)

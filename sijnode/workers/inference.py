@@ -7,16 +7,18 @@ spool root, and this worker resolves them against its own ``storage.spool_dir``,
 worker with the spool mounted elsewhere (NFS, another compose volume path) finds them.
 The result is recorded through ``db/`` in one transaction (prediction, slice scores raw
 and filtered, decision details, model set rows, stage timings, ``inferred``); heatmaps go
-to ``<data_dir>/results/<job_key>/explanations.npz``, never into the database.
+with the whole result to ``<data_dir>/results/<job_key>/`` (``result.json``,
+``heatmaps.npz``: :func:`sijnode.models.result.save_result`), never into the database.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
@@ -29,7 +31,6 @@ from sijnode.models.identity import ModelIdentity
 from sijnode.workers.model_records import record_model_set, stored_path
 
 if TYPE_CHECKING:
-    import numpy as np
 
     from sijnode.models.registry import LoadedPipeline, StudyInput
     from sijnode.models.result import PipelineResult
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Subdirectory of ``data_dir`` with one directory per job key (no patient identifiers).
 RESULTS_SUBDIR = "results"
-EXPLANATIONS_FILE = "explanations.npz"
 
 
 def resolve_device(device: str) -> str:
@@ -117,51 +117,26 @@ def study_input(ctx: WorkerContext, job: Job, study_instance_uid: str) -> StudyI
     return StudyInput.from_paths(study_instance_uid, {job.series_uids[0]: paths})
 
 
-def explanation_arrays(result: PipelineResult) -> dict[str, np.ndarray[Any, Any]]:
-    """The explanations as arrays for an ``.npz`` (heatmaps as uint8, one key each)."""
-    import numpy as np
+def save_result_files(data_dir: Path, job_key: str, result: PipelineResult) -> Path:
+    """``result.json`` and ``heatmaps.npz`` (uint8) in ``<data_dir>/results/<job_key>``.
 
-    arrays: dict[str, np.ndarray[Any, Any]] = {
-        "sop_instance_uid": np.array([e.sop_instance_uid for e in result.explanations], dtype=str),
-        "series_instance_uid": np.array(
-            [e.series_instance_uid for e in result.explanations], dtype=str
-        ),
-        "position_index": np.array([e.position_index for e in result.explanations], np.int32),
-        "score": np.array([e.score for e in result.explanations], np.float32),
-        "peak_region": np.array(
-            [
-                (
-                    e.peak_region.column0,
-                    e.peak_region.row0,
-                    e.peak_region.column1,
-                    e.peak_region.row1,
-                )
-                for e in result.explanations
-            ],
-            np.float32,
-        ).reshape(-1, 4),
-        "laterality": np.array([e.laterality or "" for e in result.explanations], dtype=str),
-    }
-    for index, explanation in enumerate(result.explanations):
-        arrays[f"heatmap_{index}"] = np.asarray(explanation.heatmap, dtype=np.uint8)
-    return arrays
+    Written into a temporary directory that is renamed into place, so a reader (the
+    reports step) never sees half a result; a re-run replaces the directory.
+    """
+    from sijnode.models.result import save_result
 
-
-def save_explanations(data_dir: Path, job_key: str, result: PipelineResult) -> Path | None:
-    """Write the heatmaps beside the job's outputs (atomically); None without any."""
-    if not result.explanations:
-        return None
-    import numpy as np
-
-    directory = data_dir / RESULTS_SUBDIR / job_key
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / EXPLANATIONS_FILE
-    tmp = directory / f".{EXPLANATIONS_FILE}.{os.getpid()}.tmp"
-    with tmp.open("wb") as fh:
-        np.savez_compressed(fh, allow_pickle=False, **explanation_arrays(result))
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(target)
+    results = data_dir / RESULTS_SUBDIR
+    results.mkdir(parents=True, exist_ok=True)
+    target = results / job_key
+    tmp = results / f".{job_key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_result(result, tmp)
+    for name in os.listdir(tmp):
+        with (tmp / name).open("rb") as fh:
+            os.fsync(fh.fileno())
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
     return target
 
 
@@ -181,7 +156,7 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
     study = study_input(ctx, job, study_uid)
     result = loaded.predict(study)
     predicted = time.perf_counter()
-    explanations = save_explanations(ctx.settings.data_dir, job_key, result)
+    result_dir = save_result_files(ctx.settings.data_dir, job_key, result)
     with transaction(ctx.sessions) as session:
         row = session.get_one(Job, job.id, with_for_update=True)
         already = session.scalar(
@@ -198,9 +173,7 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
         if row.model_version is None:  # queued while no model was configured
             row.model_version = identity.version
             row.weights_sha256 = identity.weights_sha256
-        relative = (
-            None if explanations is None else stored_path(explanations, ctx.settings.data_dir)
-        )
+        relative = stored_path(result_dir, ctx.settings.data_dir)
         prediction = record_prediction(
             session,
             row,
@@ -234,7 +207,7 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
                 },
                 device=result.device,
                 precision=result.precision,
-                explanations_path=relative,
+                result_dir=relative,
             )
         )
         row.device = result.device

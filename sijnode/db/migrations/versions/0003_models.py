@@ -78,7 +78,7 @@ def upgrade() -> None:
         sa.Column("algorithm", sa.JSON(), nullable=False),
         sa.Column("device", sa.String(length=32), nullable=False),
         sa.Column("precision", sa.String(length=16), nullable=False),
-        sa.Column("explanations_path", sa.Text(), nullable=True),
+        sa.Column("result_dir", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["prediction_id"],
             ["predictions.id"],
