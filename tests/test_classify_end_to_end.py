@@ -192,6 +192,85 @@ def test_embedded_child_killed_mid_job_runs_the_job_again(
         _check_result(node.sessions, job, spec, len(datasets), tmp_path / "data")
 
 
+def _maps_torch(pid: int) -> bool:
+    """Whether process ``pid`` has libtorch mapped (imported torch)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_sijnode_serve_embedded_runs_torch_only_in_its_child(
+    tmp_path: Path, ct_model: tuple[Path, ModelSpec]
+) -> None:
+    """The real ``sijnode serve``: the listener process never maps libtorch; its child does."""
+    path, _spec = ct_model
+    settings = node_settings(tmp_path)
+    upgrade(settings.database.url)
+    env = dict(os.environ)
+    env.update(
+        {
+            "SIJNODE_DATABASE__URL": settings.database.url,
+            "SIJNODE_DATABASE__PSEUDONYM_SECRET": "test-secret",
+            "SIJNODE_STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
+            "SIJNODE_STORAGE__MIN_FREE_MB": "1",
+            "SIJNODE_DATA_DIR": str(tmp_path / "data"),
+            "SIJNODE_NODE__BIND_ADDRESS": "127.0.0.1",
+            "SIJNODE_NODE__PORT": str(settings.node.port),
+            "SIJNODE_METRICS__PORT": "0",
+            "SIJNODE_COMPLETION__QUIET_SECONDS": "1.5",
+            "SIJNODE_COMPLETION__CONTENT_QUIET_SECONDS": "0.5",
+            "SIJNODE_COMPLETION__CHECK_INTERVAL_SECONDS": "0.2",
+            "SIJNODE_PIPELINES__CT__MODEL": str(path),
+            "SIJNODE_PIPELINES__CT__DEVICE": "cpu",
+        }
+    )
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen(
+        [SIJNODE, "serve"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    sessions = make_sessionmaker(make_engine(settings.database.url))
+    try:
+
+        def children() -> list[int]:
+            assert serve.poll() is None, log.read_text()[-4000:]
+            tasks = Path(f"/proc/{serve.pid}/task")
+            pids = [int(p) for t in tasks.iterdir() for p in (t / "children").read_text().split()]
+            return [p for p in pids if _maps_torch(p)]
+
+        (child,) = wait_for(children, timeout=120, interval=0.5)
+        datasets = _study(10, n=4)
+        wait_for(
+            lambda: (
+                "node_started" in log.read_text()
+                or "listening" in log.read_text()
+                or _port_open(settings.node.port)
+            ),
+            timeout=60,
+        )
+        assert send(datasets, settings.node.port) == [SUCCESS] * len(datasets)
+        uid = str(datasets[0].StudyInstanceUID)
+        job = wait_for(
+            lambda: (
+                (j := _job_of(sessions, uid)) is not None
+                and j.state in (JobState.INFERRED, JobState.FAILED, JobState.NO_MODEL)
+                and j
+            ),
+            timeout=240,
+            interval=0.5,
+        )
+        assert job.state is JobState.INFERRED, (job.state, job.error, log.read_text()[-3000:])
+        assert not _maps_torch(serve.pid), "the listener process imported torch"
+        assert _maps_torch(child)
+    finally:
+        serve.terminate()
+        serve.wait(60)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.gpu
 def test_embedded_worker_on_cuda(tmp_path: Path, ct_model: tuple[Path, ModelSpec]) -> None:
     """The same path with ``device = "cuda"``: the device is recorded with the result."""
