@@ -1,60 +1,29 @@
-"""Model checkpoints for tests: valid specs, seeded weights, tiny stand-in weights."""
+"""Model checkpoints for the worker tests: small specs, seeded or tiny stand-in weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sijnode.models.spec import (
-    Aggregation,
-    CTPreprocessing,
-    LocalizerPreprocessing,
-    ModelSpec,
-    MRPreprocessing,
-    OperatingPoints,
-)
+from sijnode.models import spec as specs
+from sijnode.models.spec import ModelSpec, OperatingPoints
 
 
-def ct_spec(input_size: int = 64, **update: Any) -> ModelSpec:
-    """A CT slice classifier spec (ResNeXt-50) at a small input size."""
-    spec = ModelSpec(
-        task="ct_slice_classifier",
-        name="test-ct",
-        architecture="resnext50_32x4d",
-        input_size=(input_size, input_size),
-        preprocessing=CTPreprocessing(),
-        operating_points=OperatingPoints(slice_threshold=0.5, study_threshold=0.5),
-        aggregation=Aggregation(rule="median_topk_mean"),
-        classes={"0": "absent", "1": "sacroiliitis"},
-    )
-    return ModelSpec.model_validate({**spec.model_dump(mode="json"), **update})
+def ct_spec(input_size: int = 64, **fields: Any) -> ModelSpec:
+    """A CT slice classifier spec (ResNeXt-50) at a small input size, thresholds 0.5."""
+    fields.setdefault("name", "test-ct")
+    fields.setdefault("operating_points", OperatingPoints(slice_threshold=0.5, study_threshold=0.5))
+    return specs.ct_spec(size=input_size, **fields)
 
 
 def mr_spec(input_size: int = 64) -> ModelSpec:
     """An MR ROI classifier spec (ResNet18 with a hidden head)."""
-    return ModelSpec(
-        task="mr_roi_classifier",
-        name="test-mr",
-        architecture="resnet18_hidden_head",
-        input_size=(input_size, input_size),
-        preprocessing=MRPreprocessing(patch_size=input_size),
-        operating_points=OperatingPoints(slice_threshold=0.5, subject_threshold=0.5),
-        aggregation=Aggregation(rule="median_decisions_mean"),
-        classes={"0": "absent", "1": "active sacroiliitis"},
-    )
+    return specs.mr_spec(name="test-mr", size=input_size)
 
 
 def localizer_spec(input_size: int = 64) -> ModelSpec:
     """An SI-joint localiser spec."""
-    return ModelSpec(
-        task="si_joint_localizer",
-        name="test-localizer",
-        architecture="localizer_cnn_v1",
-        input_size=(input_size, input_size),
-        preprocessing=LocalizerPreprocessing(),
-        aggregation=Aggregation(rule="none"),
-        classes={"0": "left ilium box", "1": "right ilium box"},
-    )
+    return specs.localizer_spec(name="test-localizer", size=input_size)
 
 
 def tiny_checkpoint(path: Path, spec: ModelSpec, fill: float = 0.0) -> ModelSpec:
