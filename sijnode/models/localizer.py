@@ -114,27 +114,41 @@ class Localizer:
         assert isinstance(prep, LocalizerPreprocessing)
         self.rules = prep
 
+    def prepare(
+        self, pixels: npt.NDArray[np.float32], value_range: tuple[float, float] | None = None
+    ) -> tuple[npt.NDArray[np.float32], Letterbox]:
+        """The localiser input of one slice (thread-safe; runs in the decode threads)."""
+        return localizer_slice(pixels, self.rules, self.runner.spec.input_size, value_range)
+
+    def locate_prepared(
+        self,
+        items: list[tuple[int, npt.NDArray[np.float32], Letterbox, tuple[int, int]]],
+    ) -> list[SliceBoxes]:
+        """Boxes for prepared slices: (position index, input, placement, slice shape)."""
+        if not items:
+            return []
+        inputs = np.stack([x for _, x, _, _ in items]).astype(np.float32)
+
+        def forward(x: torch.Tensor) -> npt.NDArray[np.float32]:
+            return self.runner.model(x).float().cpu().numpy()
+
+        values = np.concatenate(self.runner.run(inputs, forward))
+        return [
+            check_boxes(index, _to_source(v, placement), shape, self.rules)
+            for v, (index, _, placement, shape) in zip(values, items, strict=True)
+        ]
+
     def locate(
         self,
         slices: list[npt.NDArray[np.float32]],
         value_ranges: list[tuple[float, float]] | None = None,
     ) -> list[SliceBoxes]:
         """Boxes for every slice (in the given order)."""
-        size = self.runner.spec.input_size
         ranges: list[tuple[float, float] | None] = (
             list(value_ranges) if value_ranges else [None] * len(slices)
         )
-        prepared = [
-            localizer_slice(s, self.rules, size, r) for s, r in zip(slices, ranges, strict=True)
+        items = [
+            (i, *self.prepare(s, r), s.shape)
+            for i, (s, r) in enumerate(zip(slices, ranges, strict=True))
         ]
-        inputs = np.stack([x for x, _ in prepared]) if prepared else np.zeros((0, 1, *size))
-
-        def forward(x: torch.Tensor) -> npt.NDArray[np.float32]:
-            return self.runner.model(x).float().cpu().numpy()
-
-        outputs = self.runner.run(inputs.astype(np.float32), forward)
-        values = np.concatenate(outputs) if outputs else np.zeros((0, 8), np.float32)
-        return [
-            check_boxes(i, _to_source(v, placement), s.shape, self.rules)
-            for i, (v, (_, placement), s) in enumerate(zip(values, prepared, slices, strict=True))
-        ]
+        return self.locate_prepared(items)

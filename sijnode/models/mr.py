@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -75,39 +76,72 @@ class LoadedMR:
         times = StageTimes()
         series, notes = times.timed("decode", lambda: choose_series(study, "MR", MIN_MR_SLICES))
 
-        def decode(index: int) -> tuple[npt.NDArray[np.float32], tuple[float, float]]:
-            image = times.timed("decode", lambda: series.decode(index))
-            value_range = times.timed(
-                "preprocess", lambda: intensity_range(image, prep.intensity_percentiles)
-            )
-            return image, value_range
-
-        decoded = list(
-            prefetch(
-                range(len(series)),
-                decode,
-                threads=self.options.decode_threads,
-                ahead=2 * self.options.batch_size,
-            )
-        )
-        pixels = [p for p, _ in decoded]
-        ranges = [r for _, r in decoded]
-        located = times.timed("localise", lambda: self.localizer.locate(pixels, ranges))
         shape = (series.rows, series.columns)
         plausible: list[tuple[SliceBoxes, RoiBoxes]] = []
         rejected: list[dict[str, object]] = []
-        for found in located:
-            if found.boxes is None:
-                rejected.append(found.record())
-                continue
-            rois = roi_boxes(*found.boxes, shape, prep.roi_shift)
-            if rois is None:
-                rejected.append(
-                    found.record()
-                    | {"reason": f"ROI leaves the image after the {prep.roi_shift}×width shift"}
+        Decoded = tuple[int, npt.NDArray[np.float32], tuple[float, float], Any]
+
+        def decode(index: int) -> Decoded:
+            image = times.timed("decode", lambda: series.decode(index))
+            t = time.perf_counter()
+            value_range = intensity_range(image, prep.intensity_percentiles)
+            prepared = self.localizer.prepare(image, value_range)
+            times.add("preprocess", time.perf_counter() - t)
+            return index, image, value_range, prepared
+
+        def localised() -> Iterator[tuple[SliceBoxes, RoiBoxes, Decoded]]:
+            """Decoded slices (threads), localised batch by batch, plausible ones only."""
+            decoded = prefetch(
+                range(len(series)), decode, self.options.decode_threads, self.options.batch_size
+            )
+            for batch in batched(decoded, self.options.batch_size):
+                t = time.perf_counter()
+                found_list = self.localizer.locate_prepared(
+                    [(i, prepared[0], prepared[1], shape) for i, _, _, prepared in batch]
                 )
-                continue
-            plausible.append((found, rois))
+                times.add("localise", time.perf_counter() - t)
+                for item, found in zip(batch, found_list, strict=True):
+                    if found.boxes is None:
+                        rejected.append(found.record())
+                        continue
+                    rois = roi_boxes(*found.boxes, shape, prep.roi_shift)
+                    if rois is None:
+                        reason = f"ROI leaves the image after the {prep.roi_shift}×width shift"
+                        rejected.append(found.record() | {"reason": reason})
+                        continue
+                    plausible.append((found, rois))
+                    yield found, rois, item
+
+        def load(entry: tuple[SliceBoxes, RoiBoxes, Decoded]) -> npt.NDArray[np.float32]:
+            _, rois, (i, image, value_range, _) = entry
+            t = time.perf_counter()
+            x = mr_roi_input(image, rois, prep, value_range, study.seed, i)
+            times.add("preprocess", time.perf_counter() - t)
+            return x
+
+        head = self.runner.model.get_submodule("fc")
+        scores: list[float] = []
+        raw_maps: list[npt.NDArray[np.float32]] = []
+
+        def forward(x: torch.Tensor) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+            t = time.perf_counter()
+            features = forward_features(self.runner.model, x)
+            probabilities = torch.sigmoid(features.logits.float()).cpu().numpy()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            times.add("infer", time.perf_counter() - t)
+            t = time.perf_counter()
+            maps = cam.raw_cams(head, features).cpu().numpy()
+            times.add("explain", time.perf_counter() - t)
+            return probabilities, maps
+
+        # Decode, localise and ROI preprocessing stream ahead of the classifier's batches.
+        feed = prefetch(localised(), load, self.options.decode_threads, 2 * self.options.batch_size)
+        for batch in batched(feed, self.options.batch_size):
+            for probabilities, maps in self.runner.run(np.stack(batch), forward):
+                scores.extend(float(p) for p in probabilities)
+                raw_maps.extend(maps)
+        rejected.sort(key=lambda r: int(r["position_index"]))  # type: ignore[call-overload]
         steps: dict[str, object] = {
             "series": {
                 "series_instance_uid": series.series_instance_uid,
@@ -153,33 +187,6 @@ class LoadedMR:
                 aggregation_parameters={"median_size": spec.aggregation.median_size},
             )
 
-        def load(item: tuple[SliceBoxes, RoiBoxes]) -> npt.NDArray[np.float32]:
-            found, rois = item
-            t = time.perf_counter()
-            i = found.position_index
-            x = mr_roi_input(pixels[i], rois, prep, ranges[i], study.seed, i)
-            times.add("preprocess", time.perf_counter() - t)
-            return x
-
-        head = self.runner.model.get_submodule("fc")
-        scores: list[float] = []
-        raw_maps: list[npt.NDArray[np.float32]] = []
-
-        def forward(x: torch.Tensor) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-            t = time.perf_counter()
-            features = forward_features(self.runner.model, x)
-            probabilities = torch.sigmoid(features.logits.float()).cpu().numpy()
-            times.add("infer", time.perf_counter() - t)
-            t = time.perf_counter()
-            maps = cam.raw_cams(head, features).cpu().numpy()
-            times.add("explain", time.perf_counter() - t)
-            return probabilities, maps
-
-        feed = prefetch(plausible, load, self.options.decode_threads, 2 * self.options.batch_size)
-        for batch in batched(feed, self.options.batch_size):
-            for probabilities, maps in self.runner.run(np.stack(batch), forward):
-                scores.extend(float(p) for p in probabilities)
-                raw_maps.extend(maps)
         agg = mr_subject(
             scores, ops.slice_threshold, subject_threshold, spec.aggregation.median_size
         )
