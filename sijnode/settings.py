@@ -226,7 +226,10 @@ class BrokerSettings(_Section):
 
     url: str = Field("", description="Broker URL, e.g. redis://127.0.0.1:6379/0; empty = embedded.")
     result_backend: str = Field("", description="Celery result backend; empty = none.")
-    queue: str = Field("sijnode.jobs", description="Queue that the job task is sent to.")
+    queue: str = Field(
+        "sijnode.jobs",
+        description="Queue of jobs whose pipeline has no queue of its own (see pipelines).",
+    )
     connect_timeout_seconds: float = Field(
         2.0,
         gt=0,
@@ -247,6 +250,14 @@ class BrokerSettings(_Section):
     )
     retry_max_seconds: float = Field(
         300.0, gt=0, description="Longest wait between two tries to send one job."
+    )
+    visibility_timeout_seconds: float = Field(
+        7200.0,
+        gt=0,
+        description=(
+            "Redis: a job not acknowledged within this time goes to another worker; "
+            "must exceed the longest job."
+        ),
     )
 
 
@@ -317,17 +328,48 @@ class GradCAMSettings(_Section):
 
 
 class PipelineSettings(_Section):
-    """One inference pipeline: its model checkpoint and operating point."""
+    """One inference pipeline: its model, operating point, device and queue."""
 
-    checkpoint: Path | None = Field(
-        None, description="Model checkpoint file; without one, jobs wait in the no_model state."
+    model: str | None = Field(
+        None,
+        description=(
+            "Imported model version (`sijnode models list`) or a .safetensors checkpoint file; "
+            "without one, jobs wait in the no_model state."
+        ),
+    )
+    localizer: str | None = Field(
+        None,
+        description=(
+            "SI-joint localiser model (version or file) for a pipeline that needs one (mr); "
+            "without it, that pipeline's jobs wait in the no_model state."
+        ),
     )
     threshold: float | None = Field(
         None, ge=0, le=1, description="Operating threshold; empty = the checkpoint's own."
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, description="Slices per forward pass.")
+    queue: str = Field(
+        "", description="Celery queue of this pipeline's jobs; empty = sijnode.<name>."
+    )
     gradcam: GradCAMSettings = Field(default_factory=GradCAMSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_checkpoint(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "checkpoint" in value:
+            raise ValueError(
+                "checkpoint was renamed: set model to an imported model version or a "
+                f".safetensors file, got checkpoint = {value['checkpoint']!r}"
+            )
+        return value
+
+    @field_validator("model", "localizer")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
 
 
 def _default_pipelines() -> dict[str, PipelineSettings]:
@@ -411,6 +453,12 @@ class MetricsSettings(_Section):
 
     port: int = Field(9108, ge=0, le=65535, description="Metrics HTTP port; 0 disables.")
     bind_address: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+    worker_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Metrics port of a worker process (sijnode worker, embedded child); 0 = off.",
+    )
 
 
 class LoggingSettings(_Section):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from sijnode.models import cam
 from sijnode.models.architectures import build, forward_features, seeded_state_dict
-from sijnode.models.spec import ModelSpec, ct_spec, mr_spec
+from sijnode.models.checkpoint import load_model
+from sijnode.models.preprocess import ct_slice
+from sijnode.models.registry import PredictOptions, get_pipeline
+from sijnode.models.series import read_series
+from sijnode.models.spec import CTPreprocessing, ModelSpec, ct_spec, mr_spec
+from tests.models_support import ct_checkpoint, ct_study
 
 SIZE = 64
 
@@ -74,3 +81,20 @@ def test_peak_region_and_uint8() -> None:
     region = cam.peak_region(heatmap)
     assert (region.column0, region.row0, region.column1, region.row1) == (10, 5, 16, 9)
     assert region.polyline()[0] == region.polyline()[-1]
+
+
+def test_ct_pipeline_heatmap_equals_reference_mapped_back(tmp_path: Path) -> None:
+    """The CT pipeline's stored uint8 map = pytorch-grad-cam on the same input, un-letterboxed."""
+    _, study = ct_study(tmp_path / "ct", n_slices=3)
+    path, spec = ct_checkpoint(tmp_path)
+    pipeline = get_pipeline("ct").load({"model": path}, "cpu", PredictOptions(max_explained=1))
+    result = pipeline.predict(study)
+    (explained,) = result.explanations
+    series = read_series(study.series[0].series_instance_uid, study.series[0].paths)
+    prep = spec.preprocessing
+    assert isinstance(prep, CTPreprocessing)
+    x, placement = ct_slice(series.decode(explained.position_index), prep, spec.input_size)
+    model, _ = load_model(path)
+    reference = _reference(model, torch.from_numpy(x)[None])[0]
+    expected = cam.to_uint8(placement.to_source(reference))
+    assert np.abs(explained.heatmap.astype(int) - expected.astype(int)).max() <= 1

@@ -92,6 +92,7 @@ def test_read_spec_and_verify_import_no_torch(checkpoint: tuple[Path, ModelSpec]
     code = (
         "import sys\n"
         "from sijnode.models.checkpoint import read_spec, verify_checkpoint\n"
+        "from sijnode.models.registry import get_pipeline, pipeline_names\n"
         f"s = verify_checkpoint({str(path)!r})\n"
         f"assert read_spec({str(path)!r}).version == s.version == {spec.version!r}\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
@@ -124,6 +125,13 @@ def test_truncated_file_refused(checkpoint: tuple[Path, ModelSpec], keep: int) -
     data = path.read_bytes()
     path.write_bytes(data[:keep])
     with pytest.raises(CheckpointError, match="truncated"):
+        verify_checkpoint(path)
+
+
+def test_trailing_bytes_refused(checkpoint: tuple[Path, ModelSpec]) -> None:
+    path, _ = checkpoint
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="trailing bytes"):
         verify_checkpoint(path)
 
 

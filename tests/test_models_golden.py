@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sijnode.models.registry import PredictOptions, get_pipeline
+from sijnode.models.registry import PredictOptions, SeriesInput, StudyInput, get_pipeline
 from sijnode.models.result import (
     Decision,
     PipelineResult,
@@ -125,3 +125,19 @@ def test_result_round_trips_through_json_and_npz(tmp_path: Path) -> None:
     for a, b in zip(result.explanations, back.explanations, strict=True):
         np.testing.assert_array_equal(a.heatmap, b.heatmap)
         assert b.heatmap.dtype == np.uint8
+
+
+def test_threshold_override_and_series_choice(tmp_path: Path) -> None:
+    """A settings threshold overrides the spec's (recorded); the largest series is used."""
+    _, study = ct_study(tmp_path / "ct", n_slices=3)
+    path, _ = ct_checkpoint(tmp_path)
+    (series,) = study.series
+    extra = SeriesInput("1.2.3.4", series.paths[:1])
+    two = StudyInput(study.study_instance_uid, (extra, series), study.seed)
+    strict = get_pipeline("ct").load({"model": path}, "cpu", PredictOptions(threshold=0.99))
+    result = strict.predict(two)
+    assert result.threshold == 0.99 and result.decision is Decision.ABSENT
+    assert result.steps["threshold_source"] == "settings"
+    assert result.steps["series"]["series_instance_uid"] == series.series_instance_uid
+    assert result.steps["series"]["not_used"] == ["1.2.3.4: 1 instances, not used"]
+    assert len(result.slices) == 3

@@ -79,7 +79,7 @@ class Node:
             settings.node.site,
             workers=max(2, settings.node.max_associations),
         )
-        self.models = ModelIdentities(settings.pipelines)
+        self.models = ModelIdentities(settings.pipelines, settings.data_dir)
         self.embedded: EmbeddedWorker | None = None
         self.queue = self._make_queue()
         self.dispatcher = Dispatcher(settings, sessions, self.queue, self.models)

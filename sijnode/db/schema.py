@@ -422,3 +422,71 @@ class Event(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ModelRecord(Base):
+    """An imported model checkpoint: version, spec and file (``sijnode models import``).
+
+    ``version`` is the spec's hash of spec plus weights; a job's ``model_version`` names
+    the rows of its model set (:class:`ModelSetMember`), so every job that ran points at
+    the whole spec of each model it used.
+    """
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    task: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    architecture: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: The file, relative to ``data_dir`` (absolute for a checkpoint used where it lies).
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    imported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelSetMember(Base):
+    """One model of a pipeline's model set: ``set_version`` is what jobs record.
+
+    A CT set is its one classifier (``set_version`` = the classifier's version); the MR set
+    is the ROI classifier plus the SI-joint localiser, under a hash of both versions.
+    """
+
+    __tablename__ = "model_set_members"
+    __table_args__ = (
+        UniqueConstraint("set_version", "role", name="uq_model_set_members_set_role"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    set_version: Mapped[str] = mapped_column(String(64), index=True)
+    pipeline: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(ForeignKey("models.version"))
+
+
+class PredictionDetail(Base):
+    """What a pipeline decided beyond the score (one row per prediction).
+
+    The decision (present, absent, indeterminate) and its reason, the slice threshold, the
+    aggregation's parameters, the recorded steps (localisation boxes, rejected boxes, noise
+    seed), the device and precision, and the result directory relative to ``data_dir``.
+    """
+
+    __tablename__ = "prediction_details"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), unique=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    finding: Mapped[str] = mapped_column(String(64))
+    laterality: Mapped[str | None] = mapped_column(String(2))
+    slice_threshold: Mapped[float] = mapped_column(Float)
+    aggregation_parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    steps: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    algorithm: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    device: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str] = mapped_column(String(16))
+    #: ``result.json`` and ``heatmaps.npz`` of the job, relative to ``data_dir``.
+    result_dir: Mapped[str | None] = mapped_column(Text)

@@ -123,10 +123,15 @@ def verify_checkpoint(path: Path | str, expected_task: str | None = None) -> Mod
     header, data_start, size = _read_header(path)
     spec = _spec_from_header(path, header)
     data_end = _data_end(path, header)
-    if data_start + data_end != size:
+    if data_start + data_end > size:
         raise CheckpointError(
             f"{path.name}: truncated file: the header declares {data_end} bytes of weights, "
             f"found {size - data_start}"
+        )
+    if data_start + data_end < size:
+        raise CheckpointError(
+            f"{path.name}: corrupt file: the header declares {data_end} bytes of weights, "
+            f"found {size - data_start} (trailing bytes)"
         )
     if expected_task is not None and spec.task != expected_task:
         raise CheckpointError(
@@ -169,6 +174,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, ModelSpec]:
     """Verify, build on the meta device, assign the weights; eval mode and memory format."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from sijnode.models.architectures import build
@@ -180,7 +186,7 @@ def load_model(
     try:
         state = load_file(str(path), device=str(device))
         model.load_state_dict(state, strict=True, assign=True)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, SafetensorError) as exc:
         raise CheckpointError(
             f"{path.name}: the weights do not fit architecture {spec.architecture!r}: {exc}"
         ) from exc

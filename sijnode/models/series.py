@@ -185,16 +185,28 @@ def read_series(
                     f"{orientation} in {path.name}"
                 )
         number = ds.get("InstanceNumber")
+        try:
+            slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+            intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        except (TypeError, ValueError) as exc:
+            raise SeriesError(
+                f"{path.name}: expected numeric RescaleSlope/RescaleIntercept, found "
+                f"{ds.get('RescaleSlope')!r}/{ds.get('RescaleIntercept')!r}"
+            ) from exc
+        try:
+            instance_number = int(number) if number not in (None, "") else None
+        except (TypeError, ValueError):
+            instance_number = None  # InstanceNumber does not order slices here
         headers.append(
             (
                 position,
                 SliceHeader(
                     path=path,
                     sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                    instance_number=int(number) if number not in (None, "") else None,
+                    instance_number=instance_number,
                     position=0.0,
-                    rescale_slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                    rescale_intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                    rescale_slope=slope,
+                    rescale_intercept=intercept,
                 ),
             )
         )

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,15 +22,19 @@ from sijnode.db.engine import transaction
 from sijnode.db.instances import check_job_inputs
 from sijnode.db.lifecycle import JOB, TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState
-from sijnode.errors import MixedInputsError, SijnodeError, TransitionError
+from sijnode.errors import MixedInputsError, NoModelError, SijnodeError, TransitionError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
+from sijnode.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 #: A pipeline implementation: runs a job whose model is known, returns the final state.
 PipelineRunner = Callable[["WorkerContext", Job, ModelIdentity], JobState]
+
+#: States in which a job's inference is done: a re-delivered message leaves them alone.
+INFERENCE_DONE_STATES = TERMINAL_JOB_STATES | {JobState.INFERRED, JobState.REPORTED}
 
 
 @dataclass
@@ -42,6 +47,11 @@ class WorkerContext:
     models: ModelIdentities
     #: Recorded on every job this worker claims; looked up when the context is built.
     hostname: str = field(default_factory=lambda: socket.gethostname())
+    #: Device for every pipeline (``sijnode worker --device``); None = each pipeline's own.
+    device: str | None = None
+    #: Loaded (warm) pipelines of this process, by model-set version.
+    loaded: dict[str, Any] = field(default_factory=dict)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
@@ -56,12 +66,13 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
-        if job.state in TERMINAL_JOB_STATES or JobState.RUNNING not in JOB.allowed(job.state):
+        if job.state in INFERENCE_DONE_STATES or JobState.RUNNING not in JOB.allowed(job.state):
             # finished, or past its run (inferred, reported): a re-delivered message
             # leaves it as it is
             log.info("job already run", extra=fields(job_id=job_id, state=job.state.value))
             return job.state
         pipeline = job.pipeline
+        job_version = job.model_version
         job.worker_host = ctx.hostname
         job.attempts = (job.attempts or 0) + 1
         transition(session, job, JobState.RUNNING, f"attempt {job.attempts}")
@@ -80,27 +91,41 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         reason = str(exc)
     else:
         reason = (
-            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.checkpoint"
+            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.model"
             if identity is None
             else f"pipeline {pipeline!r} has no implementation in this worker"
         )
+    if identity is not None and job_version is not None and job_version != identity.version:
+        # the job key names a model set; running another one would record a false result
+        reason = (
+            f"job {job_id} needs model {job_version} for pipeline {pipeline!r}; "
+            f"this worker has {identity.version}"
+        )
+        identity = None
     if identity is None or runner is None:
         final = _finish(ctx, job_id, JobState.NO_MODEL, reason)
         log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
     with transaction(ctx.sessions) as session:
         job = session.get_one(Job, job_id)
     try:
         final = runner(ctx, job, identity)
+    except NoModelError as exc:  # the model cannot be loaded here: the job waits
+        final = _finish(ctx, job_id, JobState.NO_MODEL, str(exc))
+        log.error("job waits: model not loadable", extra=fields(job_id=job_id, error=str(exc)))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
+        return final
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
         final = _finish(ctx, job_id, JobState.FAILED, str(exc))
         log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
-    log.info(
-        "job finished",
-        extra=fields(job_id=job_id, state=final.value, seconds=time.perf_counter() - started),
-    )
+    seconds = time.perf_counter() - started
+    log.info("job finished", extra=fields(job_id=job_id, state=final.value, seconds=seconds))
+    ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
+    ctx.metrics.job_seconds.labels(pipeline=pipeline).observe(seconds)
     return final
 
 
