@@ -122,10 +122,11 @@ def _register_parts() -> None:
     """Let each part add its commands (each import is light: no torch at import)."""
     from sijnode.daemon import cli as daemon_cli
     from sijnode.db import cli as db_cli
+    from sijnode.delivery import cli as delivery_cli
     from sijnode.synth import cli as synth_cli
     from sijnode.workers import cli as workers_cli
 
-    for part in (synth_cli, daemon_cli, workers_cli, db_cli):
+    for part in (synth_cli, daemon_cli, workers_cli, db_cli, delivery_cli):
         part.register(app)
 
 

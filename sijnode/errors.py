@@ -47,3 +47,7 @@ class DispatchError(SijnodeError):
 
 class NoModelError(SijnodeError):
     """No model is configured for the pipeline a job needs."""
+
+
+class DeliveryError(SijnodeError):
+    """A result could not be prepared for delivery or a delivery could not be changed."""

@@ -44,7 +44,7 @@ def _diffs(url: str, metadata: MetaData = Base.metadata) -> list[object]:
 
 
 def test_head_is_the_initial_revision_and_scripts_are_packaged() -> None:
-    assert head_revision() == "0001"
+    assert head_revision() == "0004"
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
@@ -58,13 +58,13 @@ def test_upgrade_from_empty_to_head(db_url: str) -> None:
             check_schema_current(engine)
         assert "empty database" in str(info.value)
 
-        assert upgrade(db_url) == "0001"
-        assert current_revision(engine) == "0001"
-        assert check_schema_current(engine) == "0001"
+        assert upgrade(db_url) == head_revision()
+        assert current_revision(engine) == head_revision()
+        assert check_schema_current(engine) == head_revision()
         assert schema_status(engine).up_to_date
         tables = set(inspect(engine).get_table_names())
         assert ALL_TABLES | {"alembic_version"} == tables
-        assert upgrade(db_url) == "0001"  # idempotent
+        assert upgrade(db_url) == head_revision()  # idempotent
     finally:
         engine.dispose()
 
@@ -153,13 +153,13 @@ def test_cli_db_upgrade_and_current(db_url: str, monkeypatch: pytest.MonkeyPatch
 
     result = runner.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert "upgraded from empty to 0001" in result.output
+    assert "upgraded from empty to 0004" in result.output
     result = runner.invoke(app, ["db", "upgrade"])
-    assert "already at revision 0001" in result.output
+    assert "already at revision 0004" in result.output
 
     result = runner.invoke(app, ["db", "current", "--check"])
     assert result.exit_code == 0
-    assert "revision 0001, head 0001, up to date" in result.output
+    assert "revision 0004, head 0004, up to date" in result.output
 
 
 def test_audit_command_on_old_schema_tells_to_upgrade(tmp_path: object) -> None:
