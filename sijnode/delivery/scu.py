@@ -79,25 +79,25 @@ def _add_contexts(ae: AE, objects: Iterable[OutgoingObject], commitment: bool) -
 
 
 def _not_established(
-    assoc: Association, accepted: bool, dest: DestinationSettings
+    assoc: Association, flags: set[str], dest: DestinationSettings
 ) -> AttemptResult:
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if "connected" not in flags:
+        return AttemptResult(
+            Outcome.TRANSIENT, error=f"could not connect to {where} (refused or timed out)"
+        )
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         result = getattr(rsp, "result", 2)
         reason = f"{getattr(rsp, 'result_str', '')}: {getattr(rsp, 'reason_str', '')}"
         outcome = Outcome.PERMANENT if result == 0x01 else Outcome.TRANSIENT
         return AttemptResult(outcome, error=f"association rejected by {where} ({reason})")
-    if accepted:
+    if "accepted" in flags:
         return AttemptResult(
             Outcome.PERMANENT,
             error=f"{where} accepted none of the proposed SOP classes (unsupported SOP class)",
         )
-    if assoc.is_aborted:
-        return AttemptResult(Outcome.TRANSIENT, error=f"association with {where} aborted")
-    return AttemptResult(
-        Outcome.TRANSIENT, error=f"could not connect to {where} (refused or timed out)"
-    )
+    return AttemptResult(Outcome.TRANSIENT, error=f"association with {where} aborted or timed out")
 
 
 def send_dicom(
@@ -119,16 +119,17 @@ def send_dicom(
         setattr(ae, name, dest.timeout_seconds)
     _add_contexts(ae, objects, commitment_transaction_uid is not None)
     tls_args = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
-    accepted_flag: list[bool] = []
+    flags: set[str] = set()
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-        (evt.EVT_ACCEPTED, lambda _event: accepted_flag.append(True)),
+        (evt.EVT_CONN_OPEN, lambda _event: flags.add("connected")),
+        (evt.EVT_ACCEPTED, lambda _event: flags.add("accepted")),
     ]
     assoc = ae.associate(
         dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args, evt_handlers=handlers
     )
     if not assoc.is_established:
-        return _not_established(assoc, bool(accepted_flag), dest)
+        return _not_established(assoc, flags, dest)
     result = AttemptResult(Outcome.DELIVERED)
     try:
         accepted = [str(cx.abstract_syntax) for cx in assoc.accepted_contexts]
