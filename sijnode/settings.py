@@ -18,7 +18,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -292,8 +300,14 @@ class DestinationSettings(_Section):
     kind: Literal["dicom", "stow"] = Field(
         "dicom", description="dicom: C-STORE (PS3.4 B); stow: DICOMweb STOW-RS (PS3.18 10.5)."
     )
-    ae_title: str = Field("", description="AE title of the peer (kind dicom: required).")
-    host: str = Field("", description="Host name or address of the peer (kind dicom: required).")
+    ae_title: str = Field(
+        "", validate_default=True, description="AE title of the peer (kind dicom: required)."
+    )
+    host: str = Field(
+        "",
+        validate_default=True,
+        description="Host name or address of the peer (kind dicom: required).",
+    )
     port: int = Field(104, ge=1, le=65535, description="TCP port of the peer (kind dicom).")
     tls: TLSSettings = Field(default_factory=TLSSettings)
     storage_commitment: bool = Field(
@@ -308,18 +322,19 @@ class DestinationSettings(_Section):
         30.0, gt=0, description="Connection, ACSE, DIMSE and HTTP timeout in seconds."
     )
 
-    @field_validator("ae_title")
+    @field_validator("ae_title", "host")
     @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value) if value else value
+    def _needed_for_dicom(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            if info.data.get("kind", "dicom") == "dicom":
+                raise ValueError(
+                    f"Field required for a dicom destination: expected {info.field_name}"
+                )
+            return value
+        return _check_ae_title(value) if info.field_name == "ae_title" else value
 
     @model_validator(mode="after")
     def _what_the_kind_needs(self) -> DestinationSettings:
-        if self.kind == "dicom" and not (self.ae_title and self.host):
-            raise ValueError(
-                f"expected ae_title and host for a dicom destination, got "
-                f"ae_title={self.ae_title!r} host={self.host!r}"
-            )
         if self.kind == "stow" and not self.url.startswith(("http://", "https://")):
             raise ValueError(
                 f"expected an http:// or https:// url for a stow destination, got {self.url!r}"

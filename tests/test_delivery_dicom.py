@@ -371,7 +371,7 @@ def test_settings_name_only_known_destinations() -> None:
                 "routes": [{"name": "r", "pipeline": "mr", "modality": "MR", "destinations": ["x"]}]
             }
         )
-    with pytest.raises(ConfigurationError, match="expected ae_title and host"):
+    with pytest.raises(ConfigurationError, match="Field required for a dicom destination"):
         load_settings(overrides={"destinations": [{"name": "p"}]})
     with pytest.raises(ConfigurationError, match="url for a stow destination"):
         load_settings(overrides={"destinations": [{"name": "p", "kind": "stow"}]})
