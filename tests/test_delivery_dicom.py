@@ -411,3 +411,30 @@ def test_tcp_nodelay_is_set_on_the_sending_socket() -> None:
     finally:
         server.shutdown()
     assert seen and seen[0] != 0
+
+
+def test_a_host_that_does_not_resolve_is_retried(tmp_path: Path) -> None:
+    dest = {**_dest(104), "host": "no-such-host.invalid"}
+    settings = delivery_settings(tmp_path, destinations=[dest])
+    sessions = sessions_for(settings)
+    job_id = seed_job(settings, sessions, make_results(tmp_path / "out"))
+    scheduler = DeliveryScheduler(settings, sessions)
+    scheduler.enqueue(job_id)
+    scheduler.run_due()
+    d = _delivery(sessions, job_id)
+    assert d.status is DeliveryStatus.RETRYING and d.attempts == 1
+    assert d.last_error
+
+
+def test_an_output_file_that_is_gone_is_a_recorded_permanent_failure(tmp_path: Path) -> None:
+    settings = delivery_settings(tmp_path, destinations=[_dest(free_port())])
+    sessions = sessions_for(settings)
+    results = make_results(tmp_path / "out")
+    job_id = seed_job(settings, sessions, results)
+    results.files[0].unlink()
+    scheduler = DeliveryScheduler(settings, sessions)
+    scheduler.enqueue(job_id)
+    scheduler.run_due()
+    d = _delivery(sessions, job_id)
+    assert d.status is DeliveryStatus.DEAD
+    assert "expected a readable DICOM file" in (d.last_error or "")

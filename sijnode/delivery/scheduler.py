@@ -374,7 +374,14 @@ class DeliveryScheduler:
             delivery.commitment_transaction_uid = plan.commitment_transaction_uid
         started = utcnow()
         t0 = time.perf_counter()
-        result = target.send(plan)
+        try:
+            result = target.send(plan)
+        except OSError as exc:  # e.g. a host name that does not resolve (yet)
+            result = AttemptResult(Outcome.TRANSIENT, error=f"{type(exc).__name__}: {exc}")
+        except (SijnodeError, ValueError) as exc:  # an object that cannot be encoded or built
+            result = AttemptResult(
+                Outcome.PERMANENT, error=f"could not send: {type(exc).__name__}: {exc}"
+            )
         self.metrics.seconds.labels(kind=kind).observe(time.perf_counter() - t0)
         with transaction(self.sessions) as session:
             delivery = session.get(Delivery, delivery_id)
