@@ -40,8 +40,10 @@ class Delivery(enum.StrEnum):
 
     pending = "pending"
     retrying = "retrying"
+    committing = "committing"
     delivered = "delivered"
     dead = "dead"
+    shadow = "shadow"
 
 
 class GroupByOption(enum.StrEnum):
