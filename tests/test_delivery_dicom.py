@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
@@ -27,12 +28,12 @@ from sijnode.db.schema import (
     JobState,
     utcnow,
 )
-from sijnode.delivery.objects import COMPREHENSIVE_SR, ENHANCED_SR
+from sijnode.delivery.objects import COMPREHENSIVE_SR, ENHANCED_SR, SR_CLASSES, from_file
 from sijnode.delivery.scheduler import DeliveryScheduler, backoff_delay
 from sijnode.delivery.scu import set_tcp_nodelay
 from sijnode.errors import ConfigurationError
 from sijnode.settings import load_settings
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tool
 from tests.deliveries import (
     delivery_settings,
     make_results,
@@ -438,3 +439,32 @@ def test_an_output_file_that_is_gone_is_a_recorded_permanent_failure(tmp_path: P
     d = _delivery(sessions, job_id)
     assert d.status is DeliveryStatus.DEAD
     assert "expected a readable DICOM file" in (d.last_error or "")
+
+
+@pytest.mark.parametrize("sop_class", SR_CLASSES)
+def test_the_sr_in_each_proposed_class_is_validator_clean(tmp_path: Path, sop_class: str) -> None:
+    """What the default re-encoder sends passes dciodvfy (0 errors, 0 warnings) and
+    dsrdump parses it; the content is unchanged."""
+    results = make_results(tmp_path / "out")
+    obj = from_file(results.files[-1])
+    ds = obj.build(sop_class)
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    check = subprocess.run(
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line
+        for line in (check.stdout + check.stderr).splitlines()
+        if line.startswith(("Error", "Warning"))
+    ]
+    assert problems == []
+    dump = subprocess.run(
+        [require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert dump.returncode == 0 and "Probability" in dump.stdout
+    back = dcmread(path)
+    assert back.SOPClassUID == sop_class and back.file_meta.MediaStorageSOPClassUID == sop_class
+    original = dcmread(results.files[-1])
+    assert back.ContentSequence == original.ContentSequence
+    assert back.SOPInstanceUID == original.SOPInstanceUID
