@@ -468,3 +468,24 @@ def test_the_sr_in_each_proposed_class_is_validator_clean(tmp_path: Path, sop_cl
     original = dcmread(results.files[-1])
     assert back.ContentSequence == original.ContentSequence
     assert back.SOPInstanceUID == original.SOPInstanceUID
+
+
+def test_a_superseded_job_is_not_sent(tmp_path: Path) -> None:
+    from sijnode.db.engine import transaction
+    from sijnode.db.records import set_job_state
+
+    port = free_port()
+    settings = delivery_settings(tmp_path, destinations=[_dest(port)])
+    sessions = sessions_for(settings)
+    job_id = seed_job(settings, sessions, make_results(tmp_path / "out"))
+    scheduler = DeliveryScheduler(settings, sessions)
+    scheduler.enqueue(job_id)
+    with transaction(sessions) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        set_job_state(s, job, JobState.SUPERSEDED, "late images")
+    with storescp(port, tmp_path / "recv") as out:
+        scheduler.run_due()
+        assert received(out) == []
+    d = _delivery(sessions, job_id)
+    assert d.status is DeliveryStatus.DEAD and "superseded" in (d.last_error or "")

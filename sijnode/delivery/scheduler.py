@@ -392,6 +392,14 @@ class DeliveryScheduler:
 
     def _plan(self, session: Session, delivery: Delivery) -> tuple[Plan, Target] | AttemptResult:
         job = delivery.job
+        if job.state is JobState.SUPERSEDED:
+            return AttemptResult(
+                Outcome.PERMANENT,
+                error=(
+                    f"job {job.id} was superseded by job {job.superseded_by_id} before this "
+                    f"delivery; its results are not sent"
+                ),
+            )
         plan = Plan(
             delivery_id=delivery.id,
             job_id=job.id,
