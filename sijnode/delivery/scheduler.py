@@ -305,6 +305,8 @@ class DeliveryScheduler:
                 self.run_due()
             except SijnodeError as exc:
                 log.error("delivery loop failed; retrying", extra=fields(error=str(exc)))
+            except Exception:  # the loop outlives any one bad delivery; the trace is logged
+                log.exception("delivery loop error; retrying")
             self._wake.wait(interval)
             self._wake.clear()
 
@@ -381,6 +383,11 @@ class DeliveryScheduler:
         except (SijnodeError, ValueError) as exc:  # an object that cannot be encoded or built
             result = AttemptResult(
                 Outcome.PERMANENT, error=f"could not send: {type(exc).__name__}: {exc}"
+            )
+        except Exception as exc:  # recorded and retried (bounded), never lost
+            log.exception("unexpected error while sending", extra=fields(delivery_id=delivery_id))
+            result = AttemptResult(
+                Outcome.TRANSIENT, error=f"unexpected {type(exc).__name__}: {exc}"
             )
         self.metrics.seconds.labels(kind=kind).observe(time.perf_counter() - t0)
         with transaction(self.sessions) as session:

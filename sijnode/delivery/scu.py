@@ -144,11 +144,19 @@ def send_dicom(
             result.sop_classes[obj.sop_instance_uid] = sop_class
             if obj.sop_instance_uid in skip:
                 continue
+            if not assoc.is_established:
+                result.outcome = Outcome.TRANSIENT
+                result.error = f"the peer ended the association before {obj.sop_instance_uid}"
+                return result
             try:
                 rsp = assoc.send_c_store(obj.build(sop_class))
             except ValueError as exc:  # no accepted context for the dataset's transfer syntax
                 permanent.append(f"{obj.sop_instance_uid}: {exc}")
                 continue
+            except RuntimeError as exc:  # the association went away during the send
+                result.outcome = Outcome.TRANSIENT
+                result.error = f"C-STORE of {obj.sop_instance_uid} interrupted: {exc}"
+                return result
             if not rsp or "Status" not in rsp:
                 result.outcome = Outcome.TRANSIENT
                 result.error = (
