@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -489,3 +490,34 @@ def test_a_superseded_job_is_not_sent(tmp_path: Path) -> None:
         assert received(out) == []
     d = _delivery(sessions, job_id)
     assert d.status is DeliveryStatus.DEAD and "superseded" in (d.last_error or "")
+
+
+def test_a_dimse_timeout_is_retried_and_only_the_rest_is_sent(tmp_path: Path) -> None:
+    port = free_port()
+    settings = delivery_settings(tmp_path, destinations=[{**_dest(port), "timeout_seconds": 1}])
+    sessions = sessions_for(settings)
+    results = make_results(tmp_path / "out")
+    job_id = seed_job(settings, sessions, results)
+    scheduler = DeliveryScheduler(settings, sessions)
+    slow = {"left": 1}
+
+    def status(ds: object) -> int:
+        if "88." in str(getattr(ds, "SOPClassUID", "")) and slow["left"]:
+            slow["left"] -= 1
+            time.sleep(2.5)  # longer than the SCU's DIMSE timeout
+        return 0
+
+    t0 = utcnow()
+    with pynetdicom_scp(port, [SC, COMPREHENSIVE_SR], status=status) as got:
+        scheduler.enqueue(job_id, now=t0)
+        scheduler.run_due(t0)
+        d = _delivery(sessions, job_id)
+        assert d.status is DeliveryStatus.RETRYING, d.last_error
+        assert "no C-STORE response" in (d.last_error or "")
+        assert len(d.sop_instance_uids or []) == 2  # the captures were acknowledged
+        time.sleep(2)
+        scheduler.run_due(t0 + timedelta(minutes=1))
+        sent = [str(ds.SOPInstanceUID) for ds in got]
+    assert _delivery(sessions, job_id).status is DeliveryStatus.DELIVERED
+    sr_uid = results.sop_instance_uids[-1]
+    assert sorted(sent) == sorted([*results.sop_instance_uids, sr_uid])  # only the SR again
