@@ -66,6 +66,7 @@ from sijnode.delivery.targets import (
 from sijnode.delivery.webhook import notification_body
 from sijnode.errors import DeliveryError, SijnodeError
 from sijnode.logs import fields
+from sijnode.models.result import Decision
 from sijnode.settings import DestinationSettings, RouteSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -458,7 +459,7 @@ class DeliveryScheduler:
         return notification_body(
             study_instance_uid=job.study.study_instance_uid,
             pipeline=job.pipeline,
-            decision="present" if prediction.label else "absent",
+            decision=(Decision.PRESENT if prediction.label else Decision.ABSENT).value,
             probability=prediction.probability,
             model_version=job.model_version,
             accession_number=accession,
