@@ -190,3 +190,35 @@ def test_no_report_in_time_asks_again(tmp_path: Path) -> None:
     assert len(seen["requests"]) == 2
     assert [status for status, _ in seen["reports"]] == [None, None]
     assert sorted(seen["stored"]) == sorted(results.sop_instance_uids)  # stored once
+
+
+def test_the_commitment_listener_takes_only_the_destinations(tmp_path: Path) -> None:
+    report_port = free_port()
+    settings = delivery_settings(
+        tmp_path,
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": "DEST",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "storage_commitment": True,
+            }
+        ],
+        delivery={"commitment_port": report_port},
+    )
+    scheduler = DeliveryScheduler(settings, sessions_for(settings))
+    assert scheduler.listener is not None
+    scheduler.listener.start()
+    try:
+        outcomes = {}
+        for calling in ("INTRUDER", "DEST"):
+            client = AE(ae_title=calling)
+            client.add_requested_context(StorageCommitmentPushModel)
+            assoc = client.associate("127.0.0.1", report_port, ae_title="SIJNODE")
+            outcomes[calling] = assoc.is_established
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        scheduler.listener.stop()
+    assert outcomes == {"INTRUDER": False, "DEST": True}

@@ -164,9 +164,16 @@ class CommitmentListener:
     (``delivery.commitment_port``) when the node's listener does not take them."""
 
     def __init__(
-        self, ae_title: str, bind_address: str, port: int, on_report: ReportCallback
+        self,
+        ae_title: str,
+        bind_address: str,
+        port: int,
+        on_report: ReportCallback,
+        allowed_calling_ae_titles: Sequence[str] = (),
     ) -> None:
         self.ae = AE(ae_title=ae_title)
+        if allowed_calling_ae_titles:  # only the destinations asked for commitment report
+            self.ae.require_calling_aet = list(allowed_calling_ae_titles)
         CommitmentReportHandler.add_context(self.ae)
         self.handler = CommitmentReportHandler(on_report)
         self.address = (bind_address, port)

@@ -268,6 +268,7 @@ class DeliveryScheduler:
                 settings.node.bind_address,
                 settings.delivery.commitment_port,
                 self.on_commitment_report,
+                [d.ae_title for d in settings.destinations if d.storage_commitment],
             )
         self._stop = threading.Event()
         self._wake = threading.Event()
