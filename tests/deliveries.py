@@ -48,10 +48,13 @@ class Results:
     study_instance_uid: str
 
 
-def make_results(out_dir: Path, seed: int = 7, n_captures: int = 2) -> Results:
-    """``n_captures`` secondary captures and one Comprehensive SR for a small MR study."""
-    study = generate_mr_study(seed, 1, positive=True, n_slices=4, uid_root=UID_ROOT)
-    source = study.datasets
+def make_results(
+    out_dir: Path, seed: int = 7, n_captures: int = 2, source: list[Dataset] | None = None
+) -> Results:
+    """``n_captures`` secondary captures and one Comprehensive SR for ``source`` (by
+    default a small synthetic MR study)."""
+    if source is None:
+        source = generate_mr_study(seed, 1, positive=True, n_slices=4, uid_root=UID_ROOT).datasets
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     captures = []

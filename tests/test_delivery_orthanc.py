@@ -199,3 +199,106 @@ def test_stow_rs_to_a_wrong_path_is_permanent(tmp_path: Path, orthanc: Orthanc) 
         d = s.scalars(select(Delivery)).one()
     assert d.status is DeliveryStatus.DEAD and d.last_status == 404
     assert "HTTP 404" in (d.last_error or "")
+
+
+E2E_COMMITMENT_PORT = free_port()
+
+
+def _put_modality(base: str, port: int) -> None:
+    body = json.dumps(
+        {"AET": "SIJNODE", "Host": "127.0.0.1", "Port": port, "AllowStorageCommitment": True}
+    ).encode()
+    request = urllib.request.Request(f"{base}/modalities/sijnode", data=body, method="PUT")
+    urllib.request.urlopen(request, timeout=30).read()
+
+
+def _post(url: str, data: bytes) -> object:
+    request = urllib.request.Request(url, data=data, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.parametrize("orthanc", [E2E_COMMITMENT_PORT], indirect=True)
+def test_results_return_to_the_same_study_in_orthanc(tmp_path: Path, orthanc: Orthanc) -> None:
+    """Orthanc pushes a study to a running node; the job's results (made here, in place
+    of the report builders) go back with Storage Commitment into the same study."""
+    from pydicom import dcmread
+
+    from sijnode.db.engine import transaction
+    from sijnode.db.records import record_output, record_prediction, set_job_state
+    from sijnode.db.schema import OutputKind
+    from sijnode.delivery.scheduler import enqueue_job
+    from sijnode.synth import generate_mr_study
+    from tests.nodes import node_settings, running_node, wait_for
+    from tests.studies import encode
+
+    study = generate_mr_study(5, 1, positive=True, n_slices=6)
+    settings = node_settings(
+        tmp_path,
+        node={"allowed_calling_ae_titles": ["TESTPACS"]},
+        destinations=[
+            {
+                "name": "orthanc",
+                "ae_title": "TESTPACS",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "storage_commitment": True,
+            }
+        ],
+        delivery={"commitment_port": E2E_COMMITMENT_PORT},
+    )
+    with running_node(settings) as node:
+        _put_modality(orthanc.base, node.scp.port)
+        ids = {
+            _post(f"{orthanc.base}/instances", encode(ds))["ParentStudy"]  # type: ignore[index]
+            for ds in study.datasets
+        }
+        orthanc_study = ids.pop()
+        _post(f"{orthanc.base}/modalities/sijnode/store", orthanc_study.encode())
+
+        def job_id() -> int | None:
+            with node.sessions() as s:
+                job = s.scalars(select(Job)).first()
+                return None if job is None or job.state is not JobState.NO_MODEL else job.id
+
+        jid = wait_for(job_id, timeout=60)
+        with node.sessions() as s:
+            job = s.get(Job, jid)
+            assert job is not None
+            source = [dcmread(node.spool.path(p)) for p in job.spool_paths]
+        results = make_results(tmp_path / "out", source=source)
+        with transaction(node.sessions) as s:
+            job = s.get(Job, jid)
+            assert job is not None
+            set_job_state(s, job, JobState.INFERRED)
+            record_prediction(s, job, 0.9, True, 0.5, level="subject")
+            for path in results.files:
+                ds = dcmread(path, stop_before_pixels=True)
+                kind = OutputKind.SR if "88." in str(ds.SOPClassUID) else OutputKind.SC
+                record_output(
+                    s, job, kind, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, str(path)
+                )
+            set_job_state(s, job, JobState.REPORTED)
+            enqueue_job(s, settings, job)
+        _put_modality(orthanc.base, E2E_COMMITMENT_PORT)  # reports go to the listener
+        scheduler = DeliveryScheduler(settings, node.sessions)
+        scheduler.start()
+        try:
+
+            def delivered() -> bool:
+                with node.sessions() as s:
+                    return s.scalars(select(Job.state)).one() is JobState.DELIVERED
+
+            wait_for(delivered, timeout=60)
+        finally:
+            scheduler.stop()
+    series = _get(f"{orthanc.base}/studies/{orthanc_study}/series?expand")
+    assert isinstance(series, list)
+    modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
+    assert modalities == ["MR", "OT", "SR"]
+    held = orthanc.study_instances(str(study.datasets[0].StudyInstanceUID))
+    assert set(results.sop_instance_uids) <= set(held)
+    assert len(held) == len(study.datasets) + len(results.files)
+    with node.sessions() as s:
+        d = s.scalars(select(Delivery)).one()
+    assert d.committed_at is not None
