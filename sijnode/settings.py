@@ -445,6 +445,11 @@ class Settings(BaseSettings):
         doubles = sorted({n for n in names if names.count(n) > 1})
         if doubles:
             raise ValueError(f"destinations: expected unique names, got {doubles} twice")
+        if "webhook" in names:
+            raise ValueError(
+                "destinations: 'webhook' is the name of the triage notification "
+                "(delivery.webhook); expected another name"
+            )
         for index, route in enumerate(self.routes):
             unknown = [n for n in route.destinations if n not in names]
             if unknown:

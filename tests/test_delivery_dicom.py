@@ -377,6 +377,10 @@ def test_settings_name_only_known_destinations() -> None:
         load_settings(overrides={"destinations": [{"name": "p"}]})
     with pytest.raises(ConfigurationError, match="url for a stow destination"):
         load_settings(overrides={"destinations": [{"name": "p", "kind": "stow"}]})
+    with pytest.raises(ConfigurationError, match="name of the triage notification"):
+        load_settings(
+            overrides={"destinations": [{"name": "webhook", "ae_title": "A", "host": "h"}]}
+        )
     with pytest.raises(ConfigurationError, match="unique names"):
         load_settings(
             overrides={
