@@ -100,8 +100,12 @@ class DeliveryStatus(enum.StrEnum):
 
     PENDING = "pending"
     RETRYING = "retrying"
+    #: Stored; waiting for the peer's Storage Commitment result (PS3.4 J.3).
+    COMMITTING = "committing"
     DELIVERED = "delivered"
     DEAD = "dead"
+    #: Shadow mode: recorded, never sent.
+    SHADOW = "shadow"
 
 
 class EventType(enum.StrEnum):
@@ -128,6 +132,7 @@ class EventType(enum.StrEnum):
     PREDICTION_RECORDED = "prediction_recorded"
     OUTPUT_RECORDED = "output_recorded"
     DELIVERY_ATTEMPT = "delivery_attempt"
+    DELIVERY_REQUEUED = "delivery_requeued"
     TRUTH_IMPORTED = "truth_imported"
     NODE_STARTED = "node_started"
     RECOVERY = "recovery"
@@ -377,8 +382,19 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: dicom (C-STORE), stow (STOW-RS) or webhook (triage notification).
+    kind: Mapped[str] = mapped_column(String(16), default="dicom", server_default="dicom")
+    #: SOP Instance UIDs the peer acknowledged in the last attempt.
+    sop_instance_uids: Mapped[list[str] | None] = mapped_column(JSON, default=list)
+    #: DIMSE or HTTP status of the last failure (0xA700, 503, ...).
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    commitment_transaction_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    committed_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+    attempt_log: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="delivery", order_by="DeliveryAttempt.id"
+    )
 
 
 class GroundTruth(Base):
@@ -490,3 +506,22 @@ class PredictionDetail(Base):
     precision: Mapped[str] = mapped_column(String(16))
     #: ``result.json`` and ``heatmaps.npz`` of the job, relative to ``data_dir``.
     result_dir: Mapped[str | None] = mapped_column(Text)
+
+
+class DeliveryAttempt(Base):
+    """One try of one delivery: when, its outcome, what the peer acknowledged (append-only)."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: delivered, committing, committed, transient, permanent or shadow.
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+    delivery: Mapped[Delivery] = relationship(back_populates="attempt_log")
