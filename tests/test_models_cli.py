@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from sijnode.db.schema import ModelRecord
 from sijnode.errors import CheckpointError
 from sijnode.models import cli as models_cli
 from sijnode.models.checkpoint import SPEC_KEY
+from sijnode.settings import load_settings
 from tests.model_files import ct_spec, localizer_spec, mr_spec, tiny_checkpoint
 
 
@@ -30,7 +32,7 @@ def _app() -> typer.Typer:
     def _root() -> None:
         """Test root."""
 
-    models_cli.register(app)
+    models_cli.register(app, partial(load_settings, None))
     return app
 
 
