@@ -17,6 +17,7 @@ import multiprocessing as mp
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -117,6 +118,8 @@ class EmbeddedWorker:
         self._idle.set()
         self._child: _Child | None = None
         self._child_lock = threading.Lock()
+        #: Called with the job id after each job (the node wakes its delivery loop).
+        self.on_done: Callable[[int], None] | None = None
 
     @property
     def child_pid(self) -> int | None:
@@ -203,5 +206,7 @@ class EmbeddedWorker:
             except Exception:  # the worker thread outlives a broken job
                 log.exception("embedded job raised", extra=fields(job_id=message.job_id))
             finally:
+                if self.on_done is not None:
+                    self.on_done(message.job_id)
                 if self._queue.empty():
                     self._idle.set()

@@ -220,6 +220,7 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
             detail += f": {result.reason}"
         set_job_state(session, row, JobState.INFERRED, detail)
         stages = dict(row.stage_timings)
+    ctx.results[job.id] = result  # for the report step, in this process
     for stage, seconds in stages.items():
         ctx.metrics.stage_seconds.labels(pipeline=identity.pipeline, stage=stage).observe(seconds)
     ctx.metrics.predictions.labels(pipeline=identity.pipeline, decision=result.decision.value).inc()
