@@ -579,3 +579,45 @@ def test_jpeg_ls_captures_go_compressed_where_accepted_and_decompressed_elsewher
     compressed = [ds for ds in got if ds.SOPClassUID == SC]  # type: ignore[attr-defined]
     assert len(compressed) == 2
     assert {str(ds.file_meta.TransferSyntaxUID) for ds in compressed} == {JPEGLSLossless}  # type: ignore[attr-defined]
+
+
+def test_two_senders_never_send_one_delivery_twice(tmp_path: Path, db_url: str) -> None:
+    """The node's loop and `deliveries retry --send` at the same moment: one claims the
+    delivery, the other leaves it (SQLite and PostgreSQL)."""
+    import threading
+
+    from sijnode.errors import AuditError
+
+    port = free_port()
+    settings = delivery_settings(tmp_path, destinations=[_dest(port)], database={"url": db_url})
+    sessions = sessions_for(settings)
+    results = make_results(tmp_path / "out")
+    job_id = seed_job(settings, sessions, results)
+    DeliveryScheduler(settings, sessions).enqueue(job_id)
+    d = _delivery(sessions, job_id)
+    schedulers = [DeliveryScheduler(settings, sessions_for(settings)) for _ in range(2)]
+    outcomes: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def run(scheduler: DeliveryScheduler) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(scheduler.attempt(d.id))
+        except AuditError as exc:  # SQLite: the loser's write may find the row locked
+            outcomes.append(exc)
+
+    def slow(_ds: object) -> int:
+        time.sleep(0.2)
+        return 0
+
+    with pynetdicom_scp(port, [SC, COMPREHENSIVE_SR], status=slow) as got:
+        threads = [threading.Thread(target=run, args=(s,)) for s in schedulers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    sent = sorted(str(ds.SOPInstanceUID) for ds in got)
+    assert sent == sorted(results.sop_instance_uids)  # each object once
+    assert sum(1 for o in outcomes if o is not None and not isinstance(o, Exception)) == 1
+    after = _delivery(sessions, job_id)
+    assert after.status is DeliveryStatus.DELIVERED and after.attempts == 1
