@@ -31,7 +31,6 @@ from sijnode.models.identity import ModelIdentity
 from sijnode.workers.model_records import record_model_set, stored_path
 
 if TYPE_CHECKING:
-
     from sijnode.models.registry import LoadedPipeline, StudyInput
     from sijnode.models.result import PipelineResult
     from sijnode.workers.jobs import WorkerContext
