@@ -91,6 +91,15 @@ def test_mr_golden_cpu(tmp_path: Path) -> None:
     steps = result.steps
     assert steps["noise"]["enabled"] and steps["noise"]["seed"] > 0
     assert len(steps["localisation"]["accepted"]) == 6 and not steps["localisation"]["rejected"]
+    assert len(result.explanations) == 2
+    for explanation in result.explanations:
+        assert explanation.laterality in {"R", "L"} and explanation.heatmap.shape == (448, 448)
+        roi = steps["localisation"]["accepted"][explanation.position_index]["roi"]
+        outside = np.ones((448, 448), dtype=bool)
+        for x0, y0, x1, y1 in roi:
+            outside[y0:y1, x0:x1] = False
+        assert not explanation.heatmap[outside].any()  # the map lives in the two ROI boxes
+    assert result.laterality in {"R", "L", "B"}
     # The same study gives the same answer (the noise step is seeded from the study).
     again, _ = _mr(tmp_path / "again", "cpu")
     assert again == scores

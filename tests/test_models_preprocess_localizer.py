@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from sijnode.errors import PipelineError
 from sijnode.models.localizer import check_boxes
 from sijnode.models.preprocess import (
     ct_slice,
+    fit_zca,
     letterbox,
     noise_step,
     scale_intensity,
@@ -49,6 +51,22 @@ def test_identity_whitening_changes_nothing() -> None:
     )
     shifted = whiten(image, Whitening(patch=n, mean=(0.25,) * 9, matrix=identity))
     np.testing.assert_allclose(shifted, image - 0.25, atol=1e-6)
+
+
+def test_fitted_zca_decorrelates_neighbours() -> None:
+    rng = np.random.default_rng(1)
+    smooth = [
+        cv2.GaussianBlur(rng.standard_normal((96, 96)).astype(np.float32), (0, 0), 1.0)
+        for _ in range(4)
+    ]
+
+    def lag1(image: np.ndarray) -> float:
+        a, b = image[8:-8, 8:-9].ravel(), image[8:-8, 9:-8].ravel()
+        return float(np.corrcoef(a, b)[0, 1])
+
+    whitening = fit_zca(smooth, patch=5, epsilon=1e-6)
+    assert lag1(smooth[0]) > 0.7
+    assert abs(lag1(whiten(smooth[0], whitening))) < 0.2
 
 
 def test_ct_slice_shapes_and_normalisation() -> None:

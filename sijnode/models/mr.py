@@ -31,7 +31,6 @@ from sijnode.models.ct import (
     choose_series,
     combine_lateralities,
     load_runner,
-    side_of_column,
 )
 from sijnode.models.localizer import Localizer, SliceBoxes
 from sijnode.models.preprocess import intensity_range, mr_roi_input
@@ -249,9 +248,12 @@ class LoadedMR:
         on_patch = cam.upsample(raw, spec.input_size)
         heatmap = cam.to_uint8(patch_to_slice(on_patch, rois, (series.rows, series.columns)))
         region = cam.peak_region(heatmap)
-        centre = (region.column0 + region.column1) / 2.0
-        in_left = rois.left.x0 <= centre < rois.left.x1
-        box = rois.left if in_left else rois.right
+        # The side whose ROI holds the peak: decided in patch space (boxes may overlap).
+        _, peak_column = np.unravel_index(int(np.argmax(on_patch)), on_patch.shape)
+        joined_width = rois.joined_shape[1]
+        in_left = peak_column * joined_width / on_patch.shape[1] < rois.left.width
+        image_left_is_right = series.column_towards_patient_left
+        side = "R" if in_left == image_left_is_right else "L"
         return Explanation(
             sop_instance_uid=s.sop_instance_uid,
             series_instance_uid=s.series_instance_uid,
@@ -260,7 +262,7 @@ class LoadedMR:
             score=s.score,
             heatmap=heatmap,
             peak_region=region,
-            laterality=side_of_column(series, box.centre_x),
+            laterality=side,
         )
 
     def _result(

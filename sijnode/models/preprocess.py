@@ -10,6 +10,7 @@ patch itself is ``models/roi.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -94,6 +95,40 @@ def whiten(image: Image, whitening: Whitening) -> Image:
     kernel = centre.reshape(n, n)
     out = cv2.filter2D(image, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT_101)
     return out - np.float32(centre @ mean)
+
+
+def fit_zca(
+    images: Iterable[Image],
+    patch: int = 5,
+    epsilon: float = 1e-2,
+    patches_per_image: int = 2000,
+    seed: int = 0,
+) -> Whitening:
+    """Fit the spec's ZCA whitening on preprocessed training images (before ``whiten``).
+
+    ``W = U diag(1/sqrt(λ + epsilon)) Uᵀ`` of the covariance of random ``patch``×``patch``
+    neighbourhoods; ``epsilon`` keeps flat directions from blowing up noise.
+    """
+    rng = np.random.default_rng(seed)
+    half = patch // 2
+    samples = []
+    for image in images:
+        rows, columns = image.shape
+        r = rng.integers(half, rows - half, patches_per_image)
+        c = rng.integers(half, columns - half, patches_per_image)
+        offsets = np.arange(-half, half + 1)
+        rr = r[:, None, None] + offsets[None, :, None]
+        cc = c[:, None, None] + offsets[None, None, :]
+        samples.append(image[rr, cc].reshape(patches_per_image, patch * patch))
+    data = np.concatenate(samples).astype(np.float64)
+    mean = data.mean(axis=0)
+    eigenvalues, vectors = np.linalg.eigh(np.cov(data - mean, rowvar=False))
+    matrix = (vectors * (1.0 / np.sqrt(np.maximum(eigenvalues, 0.0) + epsilon))) @ vectors.T
+    return Whitening(
+        patch=patch,
+        mean=tuple(float(v) for v in mean),
+        matrix=tuple(tuple(float(v) for v in row) for row in matrix),
+    )
 
 
 def to_channels(
