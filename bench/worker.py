@@ -120,11 +120,17 @@ def _job(n: Node, uid: str) -> tuple[Job | None, Study | None]:
         return job, study
 
 
+#: The worker reports a job right after inferring it: ``inferred`` is seen as passed.
+_AT_OR_PAST = {
+    JobState.INFERRED: {JobState.INFERRED, JobState.REPORTED, JobState.DELIVERED, JobState.SHADOW}
+}
+
+
 def wait_state(n: Node, uid: str, state: JobState, timeout: float = 900) -> tuple[Job, Study]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job, study = _job(n, uid)
-        if job is not None and study is not None and job.state is state:
+        if job is not None and study is not None and job.state in _AT_OR_PAST.get(state, {state}):
             return job, study
         if job is not None and job.state in (JobState.FAILED, JobState.NO_MODEL):
             raise RuntimeError(f"job ended {job.state.value}: {job.error}")
