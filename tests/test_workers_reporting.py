@@ -163,3 +163,62 @@ def test_a_report_error_fails_the_job_and_the_worker_goes_on(tmp_path: Path) -> 
     # the next job is reported as usual
     other = ct_case(tmp_path / "src2", n_slices=4, subject=3, n_explained=1)
     assert execute_job(ctx, _inferred_job(ctx, other)) is JobState.REPORTED
+
+
+def test_a_node_that_starts_reports_and_delivers_a_job_left_inferred(tmp_path: Path) -> None:
+    """A worker died between inference and report: at start-up the node's reconciler
+    sends the job again, it is reported from its saved result and delivered."""
+    from tests.conftest import free_port
+    from tests.deliveries import received, storescp
+    from tests.nodes import node_settings, running_node, send, wait_for
+
+    port = free_port()
+    settings = node_settings(
+        tmp_path,
+        data_dir=str(tmp_path / "data"),
+        destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": port}],
+        delivery={"check_interval_seconds": 0.2},
+    )
+    case = ct_case(tmp_path / "src", n_slices=4, n_explained=1)
+    with running_node(settings) as node:  # no model: the job waits in no_model
+        assert send(case.study.datasets, node.scp.port) == [0] * 4
+
+        def waiting() -> int | None:
+            with node.sessions() as s:
+                job = s.scalars(select(Job)).first()
+                return job.id if job is not None and job.state is JobState.NO_MODEL else None
+
+        job_id = wait_for(waiting, timeout=60)
+    # what a worker that died after recording its result leaves behind
+    written = save_result_files(settings.data_dir, "left-inferred", case.result)
+    ctx = make_worker_context(settings)
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        transition(s, job, JobState.RUNNING)
+        transition(s, job, JobState.INFERRED)
+        prediction = record_prediction(s, job, case.result.probability, True, 0.5)
+        s.add(
+            PredictionDetail(
+                prediction_id=prediction.id,
+                decision=case.result.decision.value,
+                finding=case.result.finding.value,
+                slice_threshold=0.5,
+                device="cpu",
+                precision="fp32",
+                result_dir=str(written.relative_to(settings.data_dir)),
+            )
+        )
+    with storescp(port, tmp_path / "recv") as out, running_node(settings, migrate=False) as node:
+
+        def delivered() -> bool:
+            with node.sessions() as s:
+                job = s.get_one(Job, job_id)
+                assert job.state is not JobState.FAILED, job.error
+                return job.state is JobState.DELIVERED
+
+        wait_for(delivered, timeout=120, interval=0.2)
+        got = received(out)
+    assert sorted(str(ds.SOPClassUID) for ds in got) == [
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.88.33",
+    ]
