@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_a_worker_process_on_redis_classifies_and_the_node_delivers(
 ) -> None:
     model, _spec = ct_model(tmp_path / "models")
     upgrade(pg_url)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     queue = f"sijnode.test.{uuid.uuid4().hex[:8]}"
     settings = e2e_settings(
         tmp_path,
@@ -64,6 +65,7 @@ def test_a_worker_process_on_redis_classifies_and_the_node_delivers(
         "SIJNODE_STORAGE__SPOOL_DIR": str(mount / "spool"),
         "SIJNODE_DATA_DIR": str(mount / "data"),
         "SIJNODE_METRICS__PORT": "0",
+        "SIJNODE_METRICS__WORKER_PORT": str(metrics_port),
         "SIJNODE_DESTINATIONS": json.dumps(
             [d.model_dump(mode="json") for d in settings.destinations]
         ),
@@ -88,8 +90,13 @@ def test_a_worker_process_on_redis_classifies_and_the_node_delivers(
             assert job.worker_host, "the worker recorded itself"
             check_audit(node.sessions, job.id, MAX_EXPLAINED)
             received = [(p, dcmread(p)) for p in sorted(out.iterdir()) if p.is_file()]
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                metrics = response.read().decode()
     finally:
         worker.stop()
     check_received(received, study, MAX_EXPLAINED)
+    assert 'sijnode_worker_jobs_total{pipeline="ct",state="reported"} 1.0' in metrics
+    assert 'sijnode_worker_stage_seconds_count{pipeline="ct",stage="report"} 1.0' in metrics
     log = (tmp_path / "worker.log").read_text()
     assert '"job reported"' in log
