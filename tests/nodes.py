@@ -59,6 +59,7 @@ def node_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
     """Settings for a node on a free loopback port with fast completion timers."""
     url = db_url or f"sqlite:///{tmp_path / 'audit.db'}"
     base: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
         "database": {"url": url, "pseudonym_secret": "test-secret"},
         "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_mb": 1},
         "node": {

@@ -211,8 +211,8 @@ def test_studies_whose_jobs_wait_are_kept_and_an_ignored_one_goes(tmp_path: Path
         )
         assert report["free_bytes"] > 0
         # the delivery succeeds: the study is final, its inputs and its SR file then go
-        sr = node.spool.root / "outputs" / "sr-1.dcm"
-        sr.parent.mkdir()
+        sr = node.settings.data_dir / "outputs" / "sr-1.dcm"  # where the worker writes
+        sr.parent.mkdir(parents=True)
         sr.write_bytes(b"an SR the node wrote" * 10)
         with transaction(node.sessions) as s:
             job_row = s.get_one(Job, job.id)

@@ -17,7 +17,7 @@ The policy, per study (docs/receiving.md, "Retention"):
   ``retention_waiting``: the next sweeps remove it.
 
 The outputs the node wrote for the study's jobs (``outputs.path``; a relative path is
-under the spool directory) go with its instances, by the same rule. Each sweep removes at
+under the data directory) go with its instances, by the same rule. Each sweep removes at
 most ``storage.sweep_max_files`` files and runs in its own thread, never in the C-STORE
 path.
 
@@ -241,8 +241,12 @@ class Retention:
         sessions: sessionmaker[Session],
         spool: Spool,
         metrics: NodeMetrics | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.storage = storage
+        #: Relative ``outputs.path`` values are under the data directory (the worker writes
+        #: ``<data_dir>/outputs/<job_key>/``); without one, under the spool directory.
+        self.data_dir = data_dir
         self.sessions = sessions
         self.spool = spool
         self.metrics = metrics
@@ -558,9 +562,11 @@ class Retention:
             self.spool.sync_directory(directory)
 
     def output_path(self, path: str) -> Path:
-        """Where an output file is: ``outputs.path``, relative to the spool directory."""
+        """Where an output file is: ``outputs.path``, relative to the data directory."""
         candidate = Path(path)
-        return candidate if candidate.is_absolute() else self.spool.root / candidate
+        if candidate.is_absolute():
+            return candidate
+        return (self.data_dir if self.data_dir is not None else self.spool.root) / candidate
 
     # -- recovery -----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ def _retention(settings: SettingsLoader) -> tuple[Retention, StorageSettings]:
     check_schema_current(engine)
     storage = loaded.storage
     spool = Spool(storage.spool_dir, storage.min_free_mb * 2**20)
-    return Retention(storage, make_sessionmaker(engine), spool), storage
+    return Retention(storage, make_sessionmaker(engine), spool, data_dir=loaded.data_dir), storage
 
 
 def register(app: typer.Typer, settings: SettingsLoader) -> None:
