@@ -371,6 +371,9 @@ class DeliveryScheduler:
                 if waited is not None and as_utc(waited) <= (fixed or utcnow()):
                     self._commitment_timed_out(session, delivery, fixed or utcnow())
                 return None
+            due = delivery.next_attempt_at
+            if due is not None and as_utc(due) > (fixed or utcnow()):
+                return None  # not due, or claimed by another sender whose claim committed
             planned = self._plan(session, delivery)
             kind = delivery.kind
             if isinstance(planned, AttemptResult):
