@@ -355,9 +355,18 @@ def render(results: list[StreamResult], args: argparse.Namespace, note: str) -> 
             + f"; per-study paired ratio bare/node median {statistics.median(pairs):.2f}× "
             f"({pairs[0]:.2f}–{pairs[-1]:.2f})."
         )
-    if note:
-        lines += ["", note]
     lines.append("")
+    for r in results:
+        lines.append(
+            f"Per study, {CONFIGS[r.config][0]} (s, in sending order): node "
+            + ", ".join(f"{t:.2f}" for t in r.node)
+            + "; bare "
+            + ", ".join(f"{t:.2f}" for t in r.bare)
+            + "."
+        )
+        lines.append("")
+    if note:
+        lines += [note, ""]
     return "\n".join(lines)
 
 

@@ -19,9 +19,10 @@ that the transaction rolls back, the file is removed and the caller answers a fa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from sijnode.db.instances import (
     PendingRows,
 )
 from sijnode.db.schema import utcnow
-from sijnode.errors import InvalidInstanceError, SijnodeError
+from sijnode.errors import InvalidInstanceError, SijnodeError, SpoolError
 from sijnode.logs import fields
 from sijnode.settings import DatabaseSettings
 
@@ -95,40 +96,47 @@ class Ingestor:
         with a failure status.
         """
         published: str | None = None
+        synced: Future[None] | None = None
         staged.start_seal()  # 1. seal: the final fsync runs in a helper meanwhile
         try:
             header = self._read(staged)
             now = received_at or utcnow()
-            with self._lock, transaction(self.sessions) as session:
-                # 2. record (the per-transaction cache entries live in ``pending``)
-                try:
-                    pending = PendingRows()
-                    result = self._record(
-                        session, pending, header, staged, association_id, calling_ae_title, now
-                    )
-                except NeedHeader:
-                    session.rollback()
-                    header = self._header(staged)
-                    pending = PendingRows()
-                    result = self._record(
-                        session, pending, header, staged, association_id, calling_ae_title, now
-                    )
-                staged.seal()  # SpoolError: the transaction rolls back
-                relpath = result.relpath
-                if result.outcome is IngestOutcome.DUPLICATE or self.spool.path(relpath).exists():
-                    staged.discard()
-                    session.commit()
-                else:
-                    staged.close()
-                    directory = self.spool.place(staged.path, relpath)  # 3. place
-                    published = relpath
-                    # 4. sync while 5. commit: Success needs both
-                    synced = self._helpers.submit(self.spool.sync_directory, directory)
+            self._acquire_writer(staged)
+            try:
+                with transaction(self.sessions) as session:
+                    # 2. record (the per-transaction cache entries live in ``pending``)
                     try:
+                        pending = PendingRows()
+                        result = self._record(
+                            session, pending, header, staged, association_id, calling_ae_title, now
+                        )
+                    except NeedHeader:
+                        session.rollback()
+                        header = self._header(staged)
+                        pending = PendingRows()
+                        result = self._record(
+                            session, pending, header, staged, association_id, calling_ae_title, now
+                        )
+                    staged.seal()  # SpoolError: the transaction rolls back
+                    relpath = result.relpath
+                    duplicate = result.outcome is IngestOutcome.DUPLICATE
+                    if duplicate or self.spool.path(relpath).exists():
+                        staged.discard()
                         session.commit()
-                    finally:
-                        synced.result()
-                self.rows.remember(pending)
+                    else:
+                        staged.close()
+                        directory = self.spool.place(staged.path, relpath)  # 3. place
+                        published = relpath
+                        # 4. sync while 5. commit: Success needs both
+                        synced = self._helpers.submit(self.spool.sync_directory, directory)
+                        session.commit()
+                    self.rows.remember(pending)
+            finally:
+                # The writer's turn ends with the commit; the directory fsync is waited
+                # for outside it, so the next association's instance records meanwhile.
+                self._lock.release()
+                if synced is not None:
+                    synced.result()
         except BaseException:
             staged.discard()
             self._discard_published(published)
@@ -146,6 +154,20 @@ class Ingestor:
                 ),
             )
         return result
+
+    def _acquire_writer(self, staged: StagedFile) -> None:
+        """Take the writer's turn (:attr:`_lock`).
+
+        Alone, the instance records while its file's fsync runs (1 and 2 overlap). While
+        another association's instance holds the turn, this one's fsync is waited for
+        first, outside it: the turn is then never held across a file's fsync that could
+        have run beside another instance's record and commit (issue 15, 4 associations).
+        """
+        if self._lock.acquire(blocking=False):
+            return
+        with contextlib.suppress(SpoolError):
+            staged.seal()  # a failed seal raises again under the turn: rolled back there
+        self._lock.acquire()
 
     def _record(
         self,
