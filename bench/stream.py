@@ -19,6 +19,9 @@ association, PostgreSQL audit at 127.0.0.1:5432, database ``test``, a fresh sche
 
     .venv/bin/python bench/stream.py --out docs/benchmarks.md          # all three, 20 studies
     .venv/bin/python bench/stream.py --studies 3 --slices 10 --size 64  # a smoke run
+
+``--warmup`` (1) more studies go to each receiver first, untimed: the node is a
+long-running one (the first study a fresh node receives is slower, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -238,6 +243,7 @@ class StreamResult:
     overlap: list[dict[str, float]]
     dispatched: int
     stored: int
+    warmup: list[tuple[float, float]] = field(default_factory=list)
 
     def stats(self, which: str) -> tuple[float, float, float]:
         values = getattr(self, which)
@@ -254,6 +260,7 @@ def run_stream(
     workdir: Path,
     overrides: dict[str, dict[str, Any]],
     settle: float,
+    warmup: list[list[Path]],
 ) -> StreamResult:
     """Send every study to the node and to the bare SCP in turn; time each receive."""
     _, associations, database = CONFIGS[config]
@@ -266,10 +273,21 @@ def run_stream(
     node_times: list[float] = []
     bare_times: list[float] = []
     overlaps: list[dict[str, float]] = []
-    slices = sum(len(s) for s in studies)
+    warmup_times: list[tuple[float, float]] = []
+    slices = sum(len(s) for s in studies + warmup)
     try:
         with running_node(workdir / "node", db_url, overrides) as (node, timeline):
             with bare_scp(workdir / "bare") as (bare_port, bare_count):
+                for files in warmup:  # untimed: the node has received studies before
+                    os.sync()
+                    node_seconds = storescu(node.scp.port, files, associations)
+                    os.sync()
+                    warmup_times.append((node_seconds, storescu(bare_port, files, associations)))
+                    print(
+                        f"{config:8s} warm-up: node {warmup_times[-1][0]:6.2f} s  "
+                        f"bare {warmup_times[-1][1]:6.2f} s",
+                        flush=True,
+                    )
                 for index, files in enumerate(studies):
                     os.sync()
                     t0 = time.perf_counter()
@@ -288,7 +306,7 @@ def run_stream(
                 # let the last study complete and dispatch (the node's default timers)
                 deadline = time.monotonic() + settle
                 while time.monotonic() < deadline:
-                    if _dispatched(node) == len(studies):
+                    if _dispatched(node) == len(studies) + len(warmup):
                         break
                     time.sleep(0.5)
                 if bare_count[0] != slices:
@@ -301,7 +319,7 @@ def run_stream(
     finally:
         if database == "postgresql":
             _drop_pg_schema(schema)
-    return StreamResult(config, node_times, bare_times, overlaps, dispatched, stored)
+    return StreamResult(config, node_times, bare_times, overlaps, dispatched, stored, warmup_times)
 
 
 def _dispatched(node: Node) -> int:
@@ -327,7 +345,10 @@ def render(results: list[StreamResult], args: argparse.Namespace, note: str) -> 
         "the previous study's completion, routing and dispatch overlap the next receive; "
         "embedded worker, no model: jobs end `no_model`) and ONE bare pynetdicom SCP that "
         "writes the raw bytes only. A `sync` before every timed send. Seconds per study "
-        "(storescu's wall time); ratio = bare / node (above 1: the node is faster).",
+        "(storescu's wall time); ratio = bare / node (above 1: the node is faster). "
+        f"Before them {args.warmup} other study(ies) went to each receiver untimed (a "
+        "long-running node has received studies before; their times are listed below). "
+        f"Command: `.venv/bin/python bench/stream.py {' '.join(sys.argv[1:])}`.",
         "",
         "| configuration | node p50 s | node p95 s | node max s | bare p50 s | bare p95 s "
         "| bare max s | p50 ratio | p95 ratio | max ratio |",
@@ -349,7 +370,8 @@ def render(results: list[StreamResult], args: argparse.Namespace, note: str) -> 
         pairs = sorted(b / n for n, b in zip(r.node, r.bare, strict=True))
         lines.append(
             f"- {CONFIGS[r.config][0]}: {r.stored} instances recorded, {r.dispatched} of "
-            f"{len(r.node)} studies dispatched; {len(overlapped)} node receives overlapped "
+            f"{len(r.node) + len(r.warmup)} studies dispatched; {len(overlapped)} node "
+            "receives overlapped "
             "a completion check that completed a study"
             + (f" (their median {statistics.median(overlapped):.2f} s)" if overlapped else "")
             + f"; per-study paired ratio bare/node median {statistics.median(pairs):.2f}× "
@@ -363,6 +385,13 @@ def render(results: list[StreamResult], args: argparse.Namespace, note: str) -> 
             + "; bare "
             + ", ".join(f"{t:.2f}" for t in r.bare)
             + "."
+            + (
+                " Warm-up (not in the figures): "
+                + ", ".join(f"node {n:.2f}, bare {b:.2f}" for n, b in r.warmup)
+                + "."
+                if r.warmup
+                else ""
+            )
         )
         lines.append("")
     if note:
@@ -400,6 +429,12 @@ def _overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed studies sent to each receiver first (a long-running node; 0: none)",
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument(
@@ -429,12 +464,22 @@ def main() -> None:
         tmp = Path(tmp_name)
         studies = [
             make_study(tmp / "studies" / f"s{i:02d}", i, args.slices, args.size)
-            for i in range(args.studies)
+            for i in range(args.studies + args.warmup)
         ]
         for config in configs:
             workdir = tmp / config
             workdir.mkdir()
-            results.append(run_stream(config, studies, workdir, overrides, args.settle))
+            results.append(
+                run_stream(
+                    config,
+                    studies[args.warmup :],
+                    workdir,
+                    overrides,
+                    args.settle,
+                    studies[: args.warmup],
+                )
+            )
+            shutil.rmtree(workdir)  # the next configuration's disk
     note = (
         f"Settings changed for this run: {args.set}." if args.set else ""
     )  # the figures are for the defaults
