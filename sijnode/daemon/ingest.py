@@ -19,7 +19,6 @@ that the transaction rolls back, the file is removed and the caller answers a fa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +40,7 @@ from sijnode.db.instances import (
     PendingRows,
 )
 from sijnode.db.schema import utcnow
-from sijnode.errors import InvalidInstanceError, SijnodeError, SpoolError
+from sijnode.errors import InvalidInstanceError, SijnodeError
 from sijnode.logs import fields
 from sijnode.settings import DatabaseSettings
 
@@ -101,7 +100,7 @@ class Ingestor:
         try:
             header = self._read(staged)
             now = received_at or utcnow()
-            self._acquire_writer(staged)
+            self._lock.acquire()  # the writer's turn
             try:
                 with transaction(self.sessions) as session:
                     # 2. record (the per-transaction cache entries live in ``pending``)
@@ -154,20 +153,6 @@ class Ingestor:
                 ),
             )
         return result
-
-    def _acquire_writer(self, staged: StagedFile) -> None:
-        """Take the writer's turn (:attr:`_lock`).
-
-        Alone, the instance records while its file's fsync runs (1 and 2 overlap). While
-        another association's instance holds the turn, this one's fsync is waited for
-        first, outside it: the turn is then never held across a file's fsync that could
-        have run beside another instance's record and commit (issue 15, 4 associations).
-        """
-        if self._lock.acquire(blocking=False):
-            return
-        with contextlib.suppress(SpoolError):
-            staged.seal()  # a failed seal raises again under the turn: rolled back there
-        self._lock.acquire()
 
     def _record(
         self,
