@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -99,38 +99,44 @@ class Ingestor:
         try:
             header = self._read(staged)
             now = received_at or utcnow()
-            with self._lock, transaction(self.sessions) as session:
-                # 2. record (the per-transaction cache entries live in ``pending``)
-                try:
-                    pending = PendingRows()
-                    result = self._record(
-                        session, pending, header, staged, association_id, calling_ae_title, now
-                    )
-                except NeedHeader:
-                    session.rollback()
-                    header = self._header(staged)
-                    pending = PendingRows()
-                    result = self._record(
-                        session, pending, header, staged, association_id, calling_ae_title, now
-                    )
-                staged.seal()  # SpoolError: the transaction rolls back
-                relpath = result.relpath
-                # A duplicate whose file is gone (removed, or a removal interrupted by a
-                # crash) is placed again: the same bytes under the same name.
-                if self.spool.path(relpath).exists():
-                    staged.discard()
-                    session.commit()
-                else:
-                    staged.close()
-                    directory = self.spool.place(staged.path, relpath)  # 3. place
-                    published = relpath
-                    # 4. sync while 5. commit: Success needs both
-                    synced = self._helpers.submit(self.spool.sync_directory, directory)
+            synced: Future[None] | None = None
+            self._lock.acquire()  # the writer's turn
+            try:
+                with transaction(self.sessions) as session:
+                    # 2. record (the per-transaction cache entries live in ``pending``)
                     try:
+                        pending = PendingRows()
+                        result = self._record(
+                            session, pending, header, staged, association_id, calling_ae_title, now
+                        )
+                    except NeedHeader:
+                        session.rollback()
+                        header = self._header(staged)
+                        pending = PendingRows()
+                        result = self._record(
+                            session, pending, header, staged, association_id, calling_ae_title, now
+                        )
+                    staged.seal()  # SpoolError: the transaction rolls back
+                    relpath = result.relpath
+                    # A duplicate whose file is gone (removed, or a removal interrupted by a
+                    # crash) is placed again: the same bytes under the same name.
+                    if self.spool.path(relpath).exists():
+                        staged.discard()
                         session.commit()
-                    finally:
-                        synced.result()
-                self.rows.remember(pending)
+                    else:
+                        staged.close()
+                        directory = self.spool.place(staged.path, relpath)  # 3. place
+                        published = relpath
+                        # 4. sync while 5. commit: Success needs both
+                        synced = self._helpers.submit(self.spool.sync_directory, directory)
+                        session.commit()
+                    self.rows.remember(pending)
+            finally:
+                # The writer's turn ends with the commit; the directory fsync is waited
+                # for outside it, so the next association's instance records meanwhile.
+                self._lock.release()
+                if synced is not None:
+                    synced.result()
         except BaseException:
             staged.discard()
             self._discard_published(published)
