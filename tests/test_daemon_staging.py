@@ -209,7 +209,10 @@ def test_a_failed_reader_thread_answer_falls_back_to_the_handler(
 
 def test_recovery_removes_rows_of_unacknowledged_instances(tmp_path: Path) -> None:
     """A row committed whose rename did not survive (power loss) is removed at start-up."""
-    settings = node_settings(tmp_path, completion={"quiet_seconds": 600})
+    # the study must still be receiving at the restart (a complete one keeps its rows)
+    settings = node_settings(
+        tmp_path, completion={"quiet_seconds": 600, "content_quiet_seconds": 600}
+    )
     study = make_study("unacked", n=3)
     with running_node(settings) as node:
         assert send(study, node.scp.port) == [SUCCESS] * 3
