@@ -173,9 +173,10 @@ def _register_parts() -> None:
     from sijnode.daemon import cli as daemon_cli
     from sijnode.db import cli as db_cli
     from sijnode.synth import cli as synth_cli
+    from sijnode.training import cli as training_cli
     from sijnode.workers import cli as workers_cli
 
-    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli):
+    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli, training_cli):
         part.register(app, invocation.settings)
 
 

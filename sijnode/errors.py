@@ -82,3 +82,7 @@ class SeriesError(SijnodeError):
 
 class PipelineError(SijnodeError):
     """A pipeline cannot be loaded or run with the models and options it was given."""
+
+
+class TrainingError(SijnodeError):
+    """A training run cannot start or continue (run directory, device, resume mismatch)."""
