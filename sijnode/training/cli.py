@@ -45,7 +45,9 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars (scripts, CI)."),
         epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs per job."),
-        folds: int | None = typer.Option(None, "--folds", min=2, help="Cross-validation folds."),
+        folds: int | None = typer.Option(
+            None, "--folds", min=1, help="Cross-validation folds (1: holdout split only)."
+        ),
         compare: bool = typer.Option(
             False, "--compare", help="Train all five architectures of Fu et al. 2024."
         ),

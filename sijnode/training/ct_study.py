@@ -90,8 +90,14 @@ def run_ct(opts: TrainOptions) -> Path:
     run.write_json("data.json", data_hash(Path(opts.data), studies))
     by_subject = subject_labels([s.subject for s in studies], [s.label for s in studies])
     holdout = holdout_split(by_subject, seed=opts.seed)
-    folds = stratified_group_folds(
-        [s.subject for s in studies], [s.label for s in studies], settings["folds"], seed=opts.seed
+    # --folds 1: the holdout split only (no cross-validation).
+    folds = (
+        stratified_group_folds(
+            [s.subject for s in studies], [s.label for s in studies], settings["folds"],
+            seed=opts.seed,
+        )
+        if settings["folds"] > 1
+        else []
     )
     splits = [holdout, *folds]
     run.write_json("splits.json", {s.name: s.as_dict() for s in splits})
@@ -320,14 +326,16 @@ def _report(
         label = NAMES[architecture]
         rocs = []
         for name, record in results.items():
-            if record["architecture"] != architecture or record["split"] == "holdout":
+            if record["architecture"] != architecture:
+                continue
+            curves.setdefault(label, []).append(record["history"])
+            if record["split"] == "holdout":
                 continue
             spec = _spec_for(architecture, int(settings["size"]), CTPreprocessing())
             m = _split_metrics(data, record, spec, None)
             per_fold[name] = {k: m[k] for k in ("slices", "studies", "thresholds")}
             table_slices.setdefault(label, []).append(m["slices"])
             table_studies.setdefault(label, []).append(m["studies"])
-            curves.setdefault(label, []).append(record["history"])
             rocs.append((record["split"], record["test"]["labels"], record["test"]["scores"]))
         if rocs:
             png = f"plots/roc_{architecture}.png"
