@@ -35,7 +35,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("learn")
     train, test = root / "train", root / "test"
     # Different seeds: the held-out subjects have their own anatomy and lesions.
-    write_dataset(train, generate_dataset(seed=21, n_subjects=16, positive_fraction=0.5, n_slices=8))
+    write_dataset(
+        train, generate_dataset(seed=21, n_subjects=16, positive_fraction=0.5, n_slices=8)
+    )
     write_dataset(test, generate_dataset(seed=97, n_subjects=8, positive_fraction=0.5, n_slices=8))
     return train, test
 
@@ -44,15 +46,30 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Path) -> None:
     train, test = data
     _train("localizer", "--data", str(train), "--out", str(tmp_path / "loc"))
-    _train("mr", "--data", str(train), "--out", str(tmp_path / "mr"), "--folds", "1",
-           "--no-compare", "--epochs", "12", "--size", "48")
+    _train(
+        "mr",
+        "--data",
+        str(train),
+        "--out",
+        str(tmp_path / "mr"),
+        "--folds",
+        "1",
+        "--no-compare",
+        "--epochs",
+        "12",
+        "--size",
+        "48",
+    )
     loc = verify_checkpoint(tmp_path / "loc/model.safetensors", "si_joint_localizer")
     mr = verify_checkpoint(tmp_path / "mr/model.safetensors", "mr_roi_classifier")
     assert mr.operating_points.chosen_by.startswith("slice: Youden")
     assert loc.training["test"]["iou"] > 0.3
     labels, scores, _ = pipeline_scores(
         "mr",
-        {"model": tmp_path / "mr/model.safetensors", "localizer": tmp_path / "loc/model.safetensors"},
+        {
+            "model": tmp_path / "mr/model.safetensors",
+            "localizer": tmp_path / "loc/model.safetensors",
+        },
         test,
     )
     assert roc_auc(np.asarray(labels, bool), scores) >= 0.95, (labels, scores)
@@ -61,8 +78,19 @@ def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Pa
 @pytest.mark.slow
 def test_ct_classifier_learns(data: tuple[Path, Path], tmp_path: Path) -> None:
     train, test = data
-    _train("ct", "--data", str(train), "--out", str(tmp_path / "ct"), "--folds", "1",
-           "--epochs", "8", "--size", "64")
+    _train(
+        "ct",
+        "--data",
+        str(train),
+        "--out",
+        str(tmp_path / "ct"),
+        "--folds",
+        "1",
+        "--epochs",
+        "8",
+        "--size",
+        "64",
+    )
     spec = verify_checkpoint(tmp_path / "ct/model.safetensors", "ct_slice_classifier")
     assert spec.preprocessing.whitening is not None  # type: ignore[union-attr]
     labels, scores, _ = pipeline_scores("ct", {"model": tmp_path / "ct/model.safetensors"}, test)

@@ -67,11 +67,15 @@ def test_ct_training_input_is_the_nodes_ct_slice(root: Path) -> None:
 def test_roi_patches_follow_the_annotation_rule(root: Path) -> None:
     """The paper's rule written out by hand from rois.csv, against the training patches."""
     studies = load_dataset(root, "MR", need_rois=True)[:1]
-    prep = prep_for(64).model_copy(update={"noise": prep_for(64).noise.model_copy(update={"enabled": False})})
+    prep = prep_for(64).model_copy(
+        update={"noise": prep_for(64).noise.model_copy(update={"enabled": False})}
+    )
     data = mr_slices(studies, prep)
     series = read_study_series(studies[0])
     with (root / "rois.csv").open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["SeriesInstanceUID"] == series.series_instance_uid]
+        rows = [
+            r for r in csv.DictReader(fh) if r["SeriesInstanceUID"] == series.series_instance_uid
+        ]
     k = len(series) // 2
     uid = series.slices[k].sop_instance_uid
     boxes = sorted(
@@ -123,7 +127,9 @@ def test_bad_input_is_reported_before_training(root: Path, tmp_path: Path) -> No
         writer = csv.DictWriter(fh, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    code, output = _cli("train", "mr", "--data", str(bad), "--out", str(tmp_path / "run"), "--quick")
+    code, output = _cli(
+        "train", "mr", "--data", str(bad), "--out", str(tmp_path / "run"), "--quick"
+    )
     assert code != 0
     assert "labels.csv:3: slice_labels has 6 characters" in output
     assert not (tmp_path / "run").exists()  # nothing started
@@ -131,8 +137,21 @@ def test_bad_input_is_reported_before_training(root: Path, tmp_path: Path) -> No
 
 def _localizer(root: Path, out: Path, *extra: str) -> tuple[int, str]:
     return _cli(
-        "train", "localizer", "--data", str(root), "--out", str(out), "--quick", "--quiet",
-        "--epochs", "3", "--size", "64", "--seed", "4", *extra,
+        "train",
+        "localizer",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--quick",
+        "--quiet",
+        "--epochs",
+        "3",
+        "--size",
+        "64",
+        "--seed",
+        "4",
+        *extra,
     )
 
 
@@ -151,8 +170,16 @@ def test_resume_gives_the_same_checkpoint_and_run_directory(root: Path, tmp_path
     resumed = verify_checkpoint(tmp_path / "cut/model.safetensors", "si_joint_localizer")
     assert whole.weights_sha256 == resumed.weights_sha256
     run = tmp_path / "whole"
-    for name in ("config.json", "version.json", "data.json", "splits.json", "metrics.json",
-                 "metrics.csv", "report.md", "plots/validation_iou.png"):
+    for name in (
+        "config.json",
+        "version.json",
+        "data.json",
+        "splits.json",
+        "metrics.json",
+        "metrics.csv",
+        "report.md",
+        "plots/validation_iou.png",
+    ):
         assert (run / name).is_file(), name
     assert json.loads((run / "version.json").read_text())["sijnode"]
     assert len(json.loads((run / "data.json").read_text())["sha256"]) == 64
@@ -167,8 +194,22 @@ def test_mr_run_exports_a_checkpoint_the_pipeline_runs(root: Path, tmp_path: Pat
     code, output = _localizer(root, tmp_path / "loc")
     assert code == 0, output
     code, output = _cli(
-        "train", "mr", "--data", str(root), "--out", str(tmp_path / "mr"), "--quick", "--quiet",
-        "--epochs", "1", "--size", "32", "--folds", "2", "--batch-size", "8",
+        "train",
+        "mr",
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "mr"),
+        "--quick",
+        "--quiet",
+        "--epochs",
+        "1",
+        "--size",
+        "32",
+        "--folds",
+        "2",
+        "--batch-size",
+        "8",
     )
     assert code == 0, output
     spec = read_spec(tmp_path / "mr/model.safetensors")
@@ -181,15 +222,24 @@ def test_mr_run_exports_a_checkpoint_the_pipeline_runs(root: Path, tmp_path: Pat
     model, _ = load_model(tmp_path / "mr/model.safetensors")
     assert model is not None
     loaded = get_pipeline("mr").load(
-        {"model": tmp_path / "mr/model.safetensors", "localizer": tmp_path / "loc/model.safetensors"}
+        {
+            "model": tmp_path / "mr/model.safetensors",
+            "localizer": tmp_path / "loc/model.safetensors",
+        }
     )
     study = load_dataset(root, "MR")[0]
     result = loaded.predict(
-        StudyInput.from_paths(study.study_instance_uid, {study.series_instance_uid: [s.path for s in study.slices]})
+        StudyInput.from_paths(
+            study.study_instance_uid, {study.series_instance_uid: [s.path for s in study.slices]}
+        )
     )
     assert 0.0 <= result.probability <= 1.0
     code, output = _cli(
-        "evaluate", str(tmp_path / "mr/model.safetensors"), "--data", str(root), "--out",
+        "evaluate",
+        str(tmp_path / "mr/model.safetensors"),
+        "--data",
+        str(root),
+        "--out",
         str(tmp_path / "eval"),
     )
     assert code == 0, output

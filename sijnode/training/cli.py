@@ -58,7 +58,10 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
             True, "--whitening/--no-whitening", help="ZCA whitening fitted on training data."
         ),
         target_sensitivity: float | None = typer.Option(
-            None, "--target-sensitivity", min=0.0, max=1.0,
+            None,
+            "--target-sensitivity",
+            min=0.0,
+            max=1.0,
             help="Thresholds reach this validation sensitivity (default: Youden's J).",
         ),
         stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
@@ -82,7 +85,9 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         resume: bool = typer.Option(False, "--resume"),
         quiet: bool = typer.Option(False, "--quiet"),
         epochs: int | None = typer.Option(None, "--epochs", min=1),
-        folds: int | None = typer.Option(None, "--folds", min=1, help="Repeats of the 70/30 split."),
+        folds: int | None = typer.Option(
+            None, "--folds", min=1, help="Repeats of the 70/30 split."
+        ),
         compare: bool = typer.Option(
             True, "--compare/--no-compare", help="Also train on whole images (Table 2 row 1)."
         ),

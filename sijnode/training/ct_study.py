@@ -93,7 +93,9 @@ def run_ct(opts: TrainOptions) -> Path:
     # --folds 1: the holdout split only (no cross-validation).
     folds = (
         stratified_group_folds(
-            [s.subject for s in studies], [s.label for s in studies], settings["folds"],
+            [s.subject for s in studies],
+            [s.label for s in studies],
+            settings["folds"],
             seed=opts.seed,
         )
         if settings["folds"] > 1
@@ -122,7 +124,9 @@ def run_ct(opts: TrainOptions) -> Path:
 
 
 def _spec_for(architecture: str, size: int, prep: CTPreprocessing) -> ModelSpec:
-    return ct_spec(name=f"ct-{architecture}", size=size, architecture=architecture, preprocessing=prep)
+    return ct_spec(
+        name=f"ct-{architecture}", size=size, architecture=architecture, preprocessing=prep
+    )
 
 
 def _train_split(
@@ -141,9 +145,7 @@ def _train_split(
     train_idx = data.of_subjects(split.train)
     val_idx = data.of_subjects(split.validation)
     test_idx = data.of_subjects(split.test)
-    whitening = (
-        fit_whitening(data.images[train_idx], seed=seed) if opts.whitening else None
-    )
+    whitening = fit_whitening(data.images[train_idx], seed=seed) if opts.whitening else None
     prep = base.model_copy(update={"whitening": whitening})
     spec = _spec_for(architecture, size, prep)
     augmenters: dict[int, Any] = {}
@@ -161,8 +163,10 @@ def _train_split(
         return np.stack(out)
 
     def finished(idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        return np.stack([ct_finish(data.images[i], prep) for i in idx]) if len(idx) else np.zeros(
-            (0, prep.channels, size, size), np.float32
+        return (
+            np.stack([ct_finish(data.images[i], prep) for i in idx])
+            if len(idx)
+            else np.zeros((0, prep.channels, size, size), np.float32)
         )
 
     val_inputs = finished(val_idx)
@@ -170,7 +174,9 @@ def _train_split(
     lr = float(settings["lr"])
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight.to(logits.device))
+        return F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=weight.to(logits.device)
+        )
 
     job = classifier_job(
         name,
@@ -279,7 +285,9 @@ def _export(
     )
     training = {
         "protocol": "Fu et al. 2024 (CT), holdout 70:15:15 by subject",
-        "initialisation": f"pretrained {Path(opts.pretrained).name}" if opts.pretrained else "from scratch",
+        "initialisation": f"pretrained {Path(opts.pretrained).name}"
+        if opts.pretrained
+        else "from scratch",
         "epochs": settings["epochs"],
         "best_epoch": record["best_epoch"],
         "input_size": settings["size"],
@@ -342,8 +350,11 @@ def _report(
             reporting.roc_png(rocs, run.path / png)
             figures.append((f"ROC per fold, {label} (test slices)", png))
     reporting.write_curves_png(
-        curves, "val_accuracy", run.path / "plots/training_curves.png",
-        "Validation accuracy", "Training curves (Fu et al. 2024 Fig. 4)",
+        curves,
+        "val_accuracy",
+        run.path / "plots/training_curves.png",
+        "Validation accuracy",
+        "Training curves (Fu et al. 2024 Fig. 4)",
     )
     reporting.write_curves_png(
         curves, "train_loss", run.path / "plots/training_loss.png", "Training loss", "Training loss"
@@ -351,11 +362,16 @@ def _report(
     holdout = results[f"{MAIN_ARCHITECTURE}-holdout"]
     hold = _split_metrics(data, holdout, final, None)
     reporting.roc_png(
-        [("holdout test slices", holdout["test"]["labels"], holdout["test"]["scores"]),
-         ("holdout test studies", hold["study_truth"], hold["study_scores"])],
+        [
+            ("holdout test slices", holdout["test"]["labels"], holdout["test"]["scores"]),
+            ("holdout test studies", hold["study_truth"], hold["study_scores"]),
+        ],
         run.path / "plots/roc_holdout.png",
     )
-    run.write_json("results.json", {"folds": per_fold, "holdout": {k: hold[k] for k in ("slices", "studies", "thresholds")}})
+    run.write_json(
+        "results.json",
+        {"folds": per_fold, "holdout": {k: hold[k] for k in ("slices", "studies", "thresholds")}},
+    )
     ops = final.operating_points
     lines = [
         "# CT training report (research use only)",
@@ -365,7 +381,11 @@ def _report(
         "slices); albumentations augmentation; class balance by BCE `pos_weight`; splits by "
         f"subject. {settings['folds']}-fold stratified group cross-validation; "
         f"{settings['epochs']} epochs; input {settings['size']}²; "
-        + ("ImageNet-pretrained initialisation." if run.config.get("pretrained") else "trained from scratch (no pretrained weights).")
+        + (
+            "ImageNet-pretrained initialisation."
+            if run.config.get("pretrained")
+            else "trained from scratch (no pretrained weights)."
+        )
         + " Thresholds per fold: Youden's J on the fold's validation subjects.",
         "",
         "## Table 1 layout: test slices, mean ± sd over folds (%)",
@@ -381,9 +401,14 @@ def _report(
         f"Best epoch {holdout['best_epoch']} on validation; slice threshold "
         f"{ops.slice_threshold:.4f}, study threshold {ops.study_threshold:.4f} ({ops.chosen_by}).",
         "",
-        reporting.fold_table({"test slices": [hold["slices"]], "test studies": [hold["studies"]]}, reporting.TABLE1, "Holdout"),
+        reporting.fold_table(
+            {"test slices": [hold["slices"]], "test studies": [hold["studies"]]},
+            reporting.TABLE1,
+            "Holdout",
+        ),
         "",
-        f"Checkpoint: `model.safetensors` ({final.version}, weights sha256 {final.weights_sha256[:16]}…).",
+        f"Checkpoint: `model.safetensors` ({final.version}, weights sha256 "
+        f"{final.weights_sha256[:16]}…).",
         "",
         "## Figures",
         "",

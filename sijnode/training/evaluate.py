@@ -65,6 +65,7 @@ def evaluate_checkpoint(
     ops = spec.operating_points
     rows: dict[str, list[dict[str, float]]] = {}
     rocs: list[tuple[str, Any, Any]] = []
+    columns: tuple[tuple[str, str], ...]
     if spec.task == "ct_slice_classifier":
         prep = spec.preprocessing
         assert isinstance(prep, CTPreprocessing) and ops.study_threshold is not None
@@ -76,9 +77,14 @@ def evaluate_checkpoint(
         rows["Slices"] = [reporting.metrics(slices.labels, p, ops.slice_threshold)]
         truth, study_p = [], []
         for k, study in enumerate(studies):
-            agg = ct_study(p[slices.study == k], ops.study_threshold, spec.aggregation.median_size, spec.aggregation.top_k)
+            study_agg = ct_study(
+                p[slices.study == k],
+                ops.study_threshold,
+                spec.aggregation.median_size,
+                spec.aggregation.top_k,
+            )
             truth.append(study.label)
-            study_p.append(agg.score)
+            study_p.append(study_agg.score)
         rows["Studies"] = [reporting.metrics(truth, study_p, ops.study_threshold)]
         rocs = [("slices", slices.labels, p), ("studies", truth, study_p)]
         columns = reporting.TABLE1
@@ -92,7 +98,12 @@ def evaluate_checkpoint(
         rows["Slices (annotated ROI)"] = [reporting.metrics(mr.labels, p, ops.slice_threshold)]
         truth, subject_p, decisions, filtered = [], [], [], []
         for k, study in enumerate(studies):
-            agg = mr_subject(p[mr.study == k], ops.slice_threshold, ops.subject_threshold, spec.aggregation.median_size)
+            agg = mr_subject(
+                p[mr.study == k],
+                ops.slice_threshold,
+                ops.subject_threshold,
+                spec.aggregation.median_size,
+            )
             truth.append(study.label)
             subject_p.append(agg.probability)
             decisions.append(float(agg.positive))

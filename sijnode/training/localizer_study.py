@@ -55,19 +55,26 @@ def resolved(opts: TrainOptions) -> dict[str, Any]:
     }
 
 
+def _area(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
+
+
 def box_iou(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """IoU of boxes (…, 4) as x0, y0, x1, y1 (floats)."""
     w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = w * h
-    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)  # noqa: E731
-    union = area(a) + area(b) - inter
+    union = _area(a) + _area(b) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def localizer_quality(
-    model: nn.Module, data: LocalizerSlices, idx: npt.NDArray[np.int64], device: Device,
-    rules: Any, shift: float,
+    model: nn.Module,
+    data: LocalizerSlices,
+    idx: npt.NDArray[np.int64],
+    device: Device,
+    rules: Any,
+    shift: float,
 ) -> dict[str, float]:
     """IoU (in slice pixels), plausibility and joint-containment rate on slices ``idx``."""
     if len(idx) == 0:
@@ -126,8 +133,15 @@ def run_localizer(opts: TrainOptions) -> Path:
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         out = predict(model, data.inputs[val_idx], device)
-        loss = float(F.smooth_l1_loss(torch.from_numpy(out), torch.from_numpy(data.targets[val_idx]), beta=0.02))
-        iou = box_iou(out.reshape(-1, 2, 4).astype(float), data.targets[val_idx].reshape(-1, 2, 4).astype(float))
+        loss = float(
+            F.smooth_l1_loss(
+                torch.from_numpy(out), torch.from_numpy(data.targets[val_idx]), beta=0.02
+            )
+        )
+        iou = box_iou(
+            out.reshape(-1, 2, 4).astype(float),
+            data.targets[val_idx].reshape(-1, 2, 4).astype(float),
+        )
         return {"loss": loss, "iou": float(iou.mean()), "score": float(iou.mean())}
 
     mean_box = np.clip(data.targets[train_idx].mean(axis=0), 0.02, 0.98)
@@ -136,7 +150,8 @@ def run_localizer(opts: TrainOptions) -> Path:
         # Start from the mean training box: the network learns offsets from it, which
         # converges in far fewer steps than from sigmoid(0) = 0.5 everywhere.
         model = build(spec)
-        last = model.head[3]  # type: ignore[index]
+        last = model.get_submodule("head.3")
+        assert isinstance(last, nn.Linear)
         with torch.no_grad():
             last.weight.mul_(0.1)
             last.bias.copy_(torch.from_numpy(np.log(mean_box / (1 - mean_box))))
@@ -189,8 +204,20 @@ def run_localizer(opts: TrainOptions) -> Path:
     save_checkpoint(target, final, load_file(str(run.path / "jobs" / f"{name}.safetensors")))
     from sijnode.training import reporting
 
-    reporting.write_curves_png({"localiser": [done["history"]]}, "val_iou", run.path / "plots/validation_iou.png", "Validation IoU", "Localiser")
-    reporting.write_curves_png({"localiser": [done["history"]]}, "train_loss", run.path / "plots/training_loss.png", "Smooth L1", "Localiser loss")
+    reporting.write_curves_png(
+        {"localiser": [done["history"]]},
+        "val_iou",
+        run.path / "plots/validation_iou.png",
+        "Validation IoU",
+        "Localiser",
+    )
+    reporting.write_curves_png(
+        {"localiser": [done["history"]]},
+        "train_loss",
+        run.path / "plots/training_loss.png",
+        "Smooth L1",
+        "Localiser loss",
+    )
     q = done["test"]
     lines = [
         "# SI-joint localiser report (research use only)",
@@ -205,7 +232,8 @@ def run_localizer(opts: TrainOptions) -> Path:
         f"| Mean IoU, image-left box | {q['iou_left']:.3f} |",
         f"| Mean IoU, image-right box | {q['iou_right']:.3f} |",
         f"| Pairs accepted by the node's plausibility rules | {100 * q['plausible']:.1f} % |",
-        f"| ROI patch from predicted boxes contains the annotated joint | {100 * q['contains_joint']:.1f} % |",
+        "| ROI patch from predicted boxes contains the annotated joint | "
+        f"{100 * q['contains_joint']:.1f} % |",
         "",
         "![Validation IoU](plots/validation_iou.png)",
         "",
