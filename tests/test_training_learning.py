@@ -43,6 +43,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Path) -> None:
     train, test = data
     _train("localizer", "--data", str(train), "--out", str(tmp_path / "loc"))
@@ -76,6 +77,7 @@ def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_ct_classifier_learns(data: tuple[Path, Path], tmp_path: Path) -> None:
     train, test = data
     _train(

@@ -46,7 +46,7 @@ from sijnode.training.splits import holdout_split, subject_labels
 def resolved(opts: TrainOptions) -> dict[str, Any]:
     return {
         "size": opts.size or (96 if opts.quick else 128),
-        "epochs": opts.epochs or (30 if opts.quick else 60),
+        "epochs": opts.epochs or (20 if opts.quick else 60),
         "batch_size": opts.batch_size or (8 if opts.quick else 32),
         "lr": opts.lr or 2e-3,
         "initialisation": "from scratch; last layer starts at the mean training box",
