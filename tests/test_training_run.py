@@ -244,3 +244,32 @@ def test_mr_run_exports_a_checkpoint_the_pipeline_runs(root: Path, tmp_path: Pat
     )
     assert code == 0, output
     assert "Subjects (annotated ROI)" in (tmp_path / "eval/report.md").read_text()
+
+
+@pytest.mark.parametrize("architecture", ["vgg16", "resnet101", "densenet121", "inception_v4"])
+def test_comparison_architectures_have_a_one_logit_head(architecture: str, tmp_path: Path) -> None:
+    from sijnode.models.architectures import build
+    from sijnode.models.checkpoint import save_checkpoint
+    from sijnode.models.spec import ct_spec
+
+    spec = ct_spec(architecture=architecture, size=96)
+    model = build(spec).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 1)
+    save_checkpoint(tmp_path / "m.safetensors", spec, model.state_dict())
+    assert verify_checkpoint(tmp_path / "m.safetensors").architecture == architecture
+
+
+def test_inception_needs_96_pixels(root: Path, tmp_path: Path) -> None:
+    code, output = _cli(
+        "train",
+        "ct",
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "r"),
+        "--compare",
+        "--size",
+        "64",
+    )
+    assert code != 0 and "Inception-v4 needs an input of at least 96 px" in output

@@ -17,6 +17,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from sijnode.errors import TrainingError
 from sijnode.models.aggregate import ct_study
 from sijnode.models.checkpoint import save_checkpoint
 from sijnode.models.spec import CTPreprocessing, ModelSpec, OperatingPoints, ct_spec
@@ -38,6 +39,8 @@ from sijnode.training.splits import Split, holdout_split, stratified_group_folds
 from sijnode.training.thresholds import choose_threshold
 
 MAIN_ARCHITECTURE = "resnext50_32x4d"
+#: timm's Inception-v4 stem reduces 64 px inputs below its kernels.
+MIN_INCEPTION_SIZE = 96
 #: Fu et al. 2024's five networks, in Table 1 order.
 COMPARISON = ("vgg16", "resnet101", "densenet121", "inception_v4", "resnext50_32x4d")
 NAMES = {
@@ -85,6 +88,11 @@ def run_ct(opts: TrainOptions) -> Path:
         keep = sorted({s.subject for s in studies})[: opts.max_subjects]
         studies = [s for s in studies if s.subject in keep]
     settings = resolved(opts)
+    if "inception_v4" in settings["architectures"] and settings["size"] < MIN_INCEPTION_SIZE:
+        raise TrainingError(
+            f"--compare: Inception-v4 needs an input of at least {MIN_INCEPTION_SIZE} px, "
+            f"got --size {settings['size']}"
+        )
     device = Device(resolve_training_device(opts.device), opts.quiet, opts.stop_after)
     run = RunDir(Path(opts.out), opts.config(task="ct", **settings), opts.resume)
     run.write_json("data.json", data_hash(Path(opts.data), studies))
