@@ -97,7 +97,7 @@ def test_ct_classifier_learns(data: dict[str, Path], tmp_path: Path) -> None:
         "--folds",
         "1",
         "--epochs",
-        "8",
+        "10",
         "--size",
         "64",
     )
