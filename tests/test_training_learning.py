@@ -97,9 +97,9 @@ def test_ct_classifier_learns(data: dict[str, Path], tmp_path: Path) -> None:
         "--folds",
         "1",
         "--epochs",
-        "10",
+        "8",
         "--size",
-        "64",
+        "96",
     )
     spec = verify_checkpoint(tmp_path / "ct/model.safetensors", "ct_slice_classifier")
     assert spec.preprocessing.whitening is not None  # type: ignore[union-attr]
