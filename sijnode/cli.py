@@ -176,6 +176,7 @@ def _register_parts() -> None:
     from sijnode.delivery import cli as delivery_cli
     from sijnode.models import cli as models_cli
     from sijnode.synth import cli as synth_cli
+    from sijnode.training import cli as training_cli
     from sijnode.workers import cli as workers_cli
 
     parts = (
@@ -187,6 +188,7 @@ def _register_parts() -> None:
         models_cli,
         delivery_cli,
         spool_cli,
+        training_cli,
     )
     for part in parts:
         part.register(app, invocation.settings)
