@@ -172,10 +172,12 @@ def _register_parts() -> None:
     from sijnode.audit import cli as audit_cli
     from sijnode.daemon import cli as daemon_cli
     from sijnode.db import cli as db_cli
+    from sijnode.delivery import cli as delivery_cli
+    from sijnode.models import cli as models_cli
     from sijnode.synth import cli as synth_cli
     from sijnode.workers import cli as workers_cli
 
-    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli):
+    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli, models_cli, delivery_cli):
         part.register(app, invocation.settings)
 
 

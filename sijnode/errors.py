@@ -82,3 +82,7 @@ class SeriesError(SijnodeError):
 
 class PipelineError(SijnodeError):
     """A pipeline cannot be loaded or run with the models and options it was given."""
+
+
+class DeliveryError(SijnodeError):
+    """A result could not be prepared for delivery or a delivery could not be changed."""

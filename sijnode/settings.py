@@ -26,6 +26,7 @@ from pydantic import (
     SecretBytes,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -226,7 +227,10 @@ class BrokerSettings(_Section):
 
     url: str = Field("", description="Broker URL, e.g. redis://127.0.0.1:6379/0; empty = embedded.")
     result_backend: str = Field("", description="Celery result backend; empty = none.")
-    queue: str = Field("sijnode.jobs", description="Queue that the job task is sent to.")
+    queue: str = Field(
+        "sijnode.jobs",
+        description="Queue of jobs whose pipeline has no queue of its own (see pipelines).",
+    )
     connect_timeout_seconds: float = Field(
         2.0,
         gt=0,
@@ -247,6 +251,14 @@ class BrokerSettings(_Section):
     )
     retry_max_seconds: float = Field(
         300.0, gt=0, description="Longest wait between two tries to send one job."
+    )
+    visibility_timeout_seconds: float = Field(
+        7200.0,
+        gt=0,
+        description=(
+            "Redis: a job not acknowledged within this time goes to another worker; "
+            "must exceed the longest job."
+        ),
     )
 
 
@@ -287,6 +299,13 @@ class RouteSettings(_Section):
     )
     min_slices: int = Field(1, ge=1, description="Minimum instances in the series.")
     max_slices: int = Field(0, ge=0, description="Maximum instances in the series; 0 = no limit.")
+    destinations: list[str] = Field(
+        default_factory=list,
+        description="Names of the destinations this route's results go to; empty = all.",
+    )
+    shadow_mode: bool = Field(
+        False, description="Shadow mode for this route only: record results, send nothing."
+    )
 
     @field_validator("series_description")
     @classmethod
@@ -317,17 +336,48 @@ class GradCAMSettings(_Section):
 
 
 class PipelineSettings(_Section):
-    """One inference pipeline: its model checkpoint and operating point."""
+    """One inference pipeline: its model, operating point, device and queue."""
 
-    checkpoint: Path | None = Field(
-        None, description="Model checkpoint file; without one, jobs wait in the no_model state."
+    model: str | None = Field(
+        None,
+        description=(
+            "Imported model version (`sijnode models list`) or a .safetensors checkpoint file; "
+            "without one, jobs wait in the no_model state."
+        ),
+    )
+    localizer: str | None = Field(
+        None,
+        description=(
+            "SI-joint localiser model (version or file) for a pipeline that needs one (mr); "
+            "without it, that pipeline's jobs wait in the no_model state."
+        ),
     )
     threshold: float | None = Field(
         None, ge=0, le=1, description="Operating threshold; empty = the checkpoint's own."
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     batch_size: int = Field(16, ge=1, description="Slices per forward pass.")
+    queue: str = Field(
+        "", description="Celery queue of this pipeline's jobs; empty = sijnode.<name>."
+    )
     gradcam: GradCAMSettings = Field(default_factory=GradCAMSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_checkpoint(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "checkpoint" in value:
+            raise ValueError(
+                "checkpoint was renamed: set model to an imported model version or a "
+                f".safetensors file, got checkpoint = {value['checkpoint']!r}"
+            )
+        return value
+
+    @field_validator("model", "localizer")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
 
 
 def _default_pipelines() -> dict[str, PipelineSettings]:
@@ -335,15 +385,70 @@ def _default_pipelines() -> dict[str, PipelineSettings]:
 
 
 class DestinationSettings(_Section):
-    """A DICOM peer (usually the PACS) that results are sent to."""
+    """A peer (usually the PACS) that results are sent to: DICOM C-STORE or STOW-RS."""
 
     name: str = Field(..., description="Name of the destination, used in the audit.")
-    ae_title: str = Field(..., description="AE title of the peer.")
-    host: str = Field(..., description="Host name or address of the peer.")
-    port: int = Field(104, ge=1, le=65535, description="TCP port of the peer.")
+    kind: Literal["dicom", "stow"] = Field(
+        "dicom", description="dicom: C-STORE (PS3.4 B); stow: DICOMweb STOW-RS (PS3.18 10.5)."
+    )
+    ae_title: str = Field(
+        "", validate_default=True, description="AE title of the peer (kind dicom: required)."
+    )
+    host: str = Field(
+        "",
+        validate_default=True,
+        description="Host name or address of the peer (kind dicom: required).",
+    )
+    port: int = Field(104, ge=1, le=65535, description="TCP port of the peer (kind dicom).")
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    storage_commitment: bool = Field(
+        False,
+        description=(
+            "Ask the peer for Storage Commitment (PS3.4 J, push model); delivered only once "
+            "it confirms every object (kind dicom)."
+        ),
+    )
+    url: str = Field("", description="DICOMweb base URL, e.g. http://pacs/dicom-web (kind stow).")
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="Connection, ACSE, DIMSE and HTTP timeout in seconds."
+    )
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    @field_validator("ae_title", "host")
+    @classmethod
+    def _needed_for_dicom(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            if info.data.get("kind", "dicom") == "dicom":
+                raise ValueError(
+                    f"Field required for a dicom destination: expected {info.field_name}"
+                )
+            return value
+        return _check_ae_title(value) if info.field_name == "ae_title" else value
+
+    @model_validator(mode="after")
+    def _what_the_kind_needs(self) -> DestinationSettings:
+        if self.kind == "stow" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"expected an http:// or https:// url for a stow destination, got {self.url!r}"
+            )
+        return self
+
+
+class WebhookSettings(_Section):
+    """Triage notification of a positive result to an HTTP endpoint (docs/delivery.md)."""
+
+    url: str = Field("", description="Endpoint that receives a JSON POST; empty disables.")
+    include_accession_number: bool = Field(
+        False,
+        description="Put the study's AccessionNumber in the body (off: no identifiers at all).",
+    )
+    timeout_seconds: float = Field(10.0, gt=0, description="HTTP timeout in seconds.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// url or empty, got {value!r}")
+        return value
 
 
 class DeliverySettings(_Section):
@@ -353,9 +458,27 @@ class DeliverySettings(_Section):
     backoff_seconds: float = Field(
         30.0, gt=0, description="First retry delay; doubles with every attempt."
     )
+    max_backoff_seconds: float = Field(3600.0, gt=0, description="Longest delay between two tries.")
     shadow_mode: bool = Field(
         False, description="Record results in the audit but send nothing to PACS."
     )
+    check_interval_seconds: float = Field(
+        1.0, gt=0, description="How often the delivery loop looks for due deliveries."
+    )
+    commitment_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Wait this long for the Storage Commitment result, then send again.",
+    )
+    commitment_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of a dedicated listener for N-EVENT-REPORT; 0 = the node's listener takes it."
+        ),
+    )
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
 
 #: SR Storage SOP classes that carry the same TID 1500 content (DICOM-OUTPUTS.md).
@@ -411,6 +534,12 @@ class MetricsSettings(_Section):
 
     port: int = Field(9108, ge=0, le=65535, description="Metrics HTTP port; 0 disables.")
     bind_address: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+    worker_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Metrics port of a worker process (sijnode worker, embedded child); 0 = off.",
+    )
 
 
 class LoggingSettings(_Section):
@@ -455,6 +584,26 @@ class Settings(BaseSettings):
         if isinstance(value, Mapping):
             return {**_default_pipelines(), **value}
         return value
+
+    @model_validator(mode="after")
+    def _routes_name_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        doubles = sorted({n for n in names if names.count(n) > 1})
+        if doubles:
+            raise ValueError(f"destinations: expected unique names, got {doubles} twice")
+        if "webhook" in names:
+            raise ValueError(
+                "destinations: 'webhook' is the name of the triage notification "
+                "(delivery.webhook); expected another name"
+            )
+        for index, route in enumerate(self.routes):
+            unknown = [n for n in route.destinations if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"routes.{index}.destinations = {route.destinations!r} (route "
+                    f"{route.name!r}): expected names from {sorted(names)}, got {unknown}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _routes_name_pipelines(self) -> Settings:

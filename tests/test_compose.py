@@ -184,12 +184,17 @@ def test_dockerfile_cmd_is_a_real_command() -> None:
 
 
 def test_worker_reads_the_queue_the_node_sends_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sijnode.workers.queue import pipeline_queue, worker_queues
+
     argv = list(SERVICES["worker"]["command"])
-    queues = argv[argv.index("--queues") + 1].split(",") if "--queues" in argv else []
+    names = argv[argv.index("--queues") + 1] if "--queues" in argv else ""
     node = settings_for(service_environment("node"), monkeypatch)
     worker = settings_for(service_environment("worker"), monkeypatch)
     assert node.broker.url and node.broker.url == worker.broker.url
-    assert node.broker.queue in (queues or [worker.broker.queue])
+    queues = worker_queues(worker, names)
+    assert node.broker.queue in queues
+    for pipeline in node.pipelines:  # each pipeline's jobs go to a queue the worker reads
+        assert pipeline_queue(node, pipeline) in queues, pipeline
 
 
 # --------------------------------------------------------------------------------------
@@ -349,8 +354,9 @@ def test_node_and_worker_share_the_spool_and_models(monkeypatch: pytest.MonkeyPa
         assert ("models", True) in mounts.values(), f"{name}: no read-only models volume"
         models_dir = next(t for t, (s, _) in mounts.items() if s == "models")
         for pipeline_name, pipeline in settings.pipelines.items():
-            if pipeline.checkpoint is not None:
-                assert str(pipeline.checkpoint).startswith(f"{models_dir}/"), pipeline_name
+            for model in (pipeline.model, pipeline.localizer):
+                if model is not None and "/" in model:
+                    assert model.startswith(f"{models_dir}/"), pipeline_name
 
 
 # --------------------------------------------------------------------------------------

@@ -527,6 +527,43 @@ def test_a_private_storage_class_is_stored_and_not_routed(tmp_path: Path) -> Non
         assert stored[str(private.SOPInstanceUID)].spool_path not in job.spool_paths
 
 
+def test_a_private_object_in_the_image_series_never_reaches_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    """A CSA Non-Image object in the same series as the MR slices: the series is routed,
+    the job's inputs are the slices only, and the skipped count is in job_created."""
+    study = make_study("private-in-series", n=4, modality="MR")
+    uid = str(study[0].StudyInstanceUID)
+    private = private_non_image(uid)
+    private.SeriesInstanceUID = study[0].SeriesInstanceUID
+    private.SeriesNumber = study[0].SeriesNumber
+    with running_node(node_settings(tmp_path)) as node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(PRIVATE_NON_IMAGE)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SIJNODE")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [*study[:2], private, *study[2:]]]
+        assoc.release()
+        assert statuses == [SUCCESS] * 5
+        wait_for(lambda: _study_state(node, uid) == StudyState.DISPATCHED)
+        with node.sessions() as s:
+            private_row = s.scalars(
+                select(Instance).where(Instance.sop_class_uid == PRIVATE_NON_IMAGE)
+            ).one()
+            (created,) = s.scalars(select(Event).where(Event.type == EventType.JOB_CREATED))
+            assert (
+                private_row.series_id
+                == s.scalars(
+                    select(Instance.series_id).where(Instance.sop_class_uid != PRIVATE_NON_IMAGE)
+                ).first()
+            )
+        (job,) = _jobs(node)
+        assert job.pipeline == "mr" and len(job.spool_paths) == 4
+        assert private_row.spool_path not in job.spool_paths
+        assert created.detail["instances"] == 4 and created.detail["skipped_instances"] == 1
+
+
 def test_a_study_of_only_private_objects_is_ignored_with_the_reason(tmp_path: Path) -> None:
     uid = "1.2.826.0.1.3680043.8.498.31337"
     private = private_non_image(uid)

@@ -247,7 +247,8 @@ EXAMPLE_VALUES: dict[str, Any] = {
     "node.tls.cert_file": "/etc/sijnode/tls/node.crt",
     "node.tls.key_file": "/etc/sijnode/tls/node.key",
     "node.tls.ca_file": "/etc/sijnode/tls/ca.crt",
-    "pipelines.<name>.checkpoint": "/models/{name}.pt",
+    "pipelines.<name>.model": "/models/{name}.safetensors",
+    "pipelines.<name>.localizer": "/models/si-joint-localizer.safetensors",
     "pipelines.<name>.threshold": 0.5,
     "destinations[].name": "pacs",
     "destinations[].ae_title": "PACS",
@@ -397,7 +398,8 @@ def test_defaults() -> None:
         ("mr-sij", "mr", "MR"),
     ]
     assert sorted(s.pipelines) == ["ct", "mr"]
-    assert s.pipelines["ct"].checkpoint is None
+    assert s.pipelines["ct"].model is None
+    assert s.pipelines["mr"].localizer is None
     assert s.destinations == []
     assert s.metrics.port == 9108
     assert s.delivery.max_attempts == 5
@@ -416,7 +418,7 @@ allowed_addresses = ["10.0.0.0/8"]
 [broker]
 url = "redis://redis:6379/0"
 [pipelines.ct]
-checkpoint = "/models/ct.pt"
+model = "/models/ct.safetensors"
 threshold = 0.42
 [[destinations]]
 name = "pacs"
@@ -430,9 +432,9 @@ host = "pacs.local"
     assert s.node.allowed_addresses == ["10.0.0.0/8"]
     assert s.node.max_associations == 64  # untouched keys of a section keep their default
     assert s.broker.url == "redis://redis:6379/0"
-    assert s.pipelines["ct"].checkpoint == Path("/models/ct.pt")
+    assert s.pipelines["ct"].model == "/models/ct.safetensors"
     assert s.pipelines["ct"].threshold == 0.42
-    assert s.pipelines["mr"].checkpoint is None  # the other pipeline is kept
+    assert s.pipelines["mr"].model is None  # the other pipeline is kept
     assert [(d.name, d.port) for d in s.destinations] == [("pacs", 104)]
 
 
@@ -468,10 +470,16 @@ def test_nested_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_one_pipeline_in_environment_keeps_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SIJNODE_PIPELINES__CT__CHECKPOINT", "/models/ct.pt")
+    monkeypatch.setenv("SIJNODE_PIPELINES__CT__MODEL", "/models/ct.safetensors")
     s = load_settings()  # the default route mr-sij still finds its pipeline
-    assert s.pipelines["ct"].checkpoint == Path("/models/ct.pt")
-    assert s.pipelines["mr"].checkpoint is None
+    assert s.pipelines["ct"].model == "/models/ct.safetensors"
+    assert s.pipelines["mr"].model is None
+
+
+def test_renamed_checkpoint_key_is_refused_with_its_new_name(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "s.toml", '[pipelines.ct]\ncheckpoint = "/models/ct.pt"\n')
+    with pytest.raises(ConfigurationError, match=r"pipelines.ct.*checkpoint was renamed"):
+        load_settings(cfg)
 
 
 def test_list_environment_is_json(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,7 @@
-"""Broker mode: a real ``sijnode worker`` process runs jobs from Redis, audit on PostgreSQL."""
+"""Broker mode: a real ``sijnode worker`` process runs jobs from Redis, audit on PostgreSQL.
+
+The worker reads every pipeline's queue and the job queue by default (no ``--queues``).
+"""
 
 from __future__ import annotations
 
@@ -23,13 +26,18 @@ SIJNODE = str(Path(sys.executable).parent / "sijnode")
 def test_worker_process_runs_jobs_from_redis(tmp_path: Path, redis_url: str, pg_url: str) -> None:
     queue = f"sijnode.test.{uuid.uuid4().hex[:8]}"
     upgrade(pg_url)
-    settings = node_settings(tmp_path, db_url=pg_url, broker={"url": redis_url, "queue": queue})
+    pipelines = {"ct": {"queue": f"{queue}.ct"}, "mr": {"queue": f"{queue}.mr"}}
+    settings = node_settings(
+        tmp_path, db_url=pg_url, broker={"url": redis_url, "queue": queue}, pipelines=pipelines
+    )
     env = dict(os.environ)
     env.update(
         {
             "SIJNODE_DATABASE__URL": pg_url,
             "SIJNODE_BROKER__URL": redis_url,
             "SIJNODE_BROKER__QUEUE": queue,
+            "SIJNODE_PIPELINES__CT__QUEUE": f"{queue}.ct",
+            "SIJNODE_PIPELINES__MR__QUEUE": f"{queue}.mr",
             "SIJNODE_STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
         }
     )

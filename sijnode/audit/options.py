@@ -26,8 +26,10 @@ class Delivery(enum.StrEnum):
 
     pending = "pending"
     retrying = "retrying"
+    committing = "committing"
     delivered = "delivered"
     dead = "dead"
+    shadow = "shadow"
 
 
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="table, json or csv.")]

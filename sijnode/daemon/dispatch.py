@@ -21,7 +21,7 @@ from enum import StrEnum
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sijnode.daemon.routing import RouteMatch, SeriesFacts, route_study
+from sijnode.daemon.routing import PIPELINE_SOP_CLASSES, RouteMatch, SeriesFacts, route_study
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.instances import check_job_inputs
 from sijnode.db.lifecycle import TERMINAL_JOB_STATES, transition
@@ -101,11 +101,18 @@ def job_key(instance_hashes: list[str], pipeline: str, model_version: str) -> st
     return digest.hexdigest()
 
 
-def _selected_instances(session: Session, series_id: int) -> list[Instance]:
-    """The newest copy of each SOP instance of one series row, in slice order.
+def _selected_instances(
+    session: Session, series_id: int, pipeline: str
+) -> tuple[list[Instance], int]:
+    """The newest copy of each SOP instance of one series row that ``pipeline`` reads, in
+    slice order, and how many other instances the series holds.
 
     By the series' row id, never by its UID: another study may reuse the UID, and its
-    instances belong to its own series row (docs/receiving.md).
+    instances belong to its own series row (docs/receiving.md). Only instances of a SOP
+    class the pipeline reads (:data:`~sijnode.daemon.routing.PIPELINE_SOP_CLASSES`) are
+    selected: a private non-image object in the same series as the slices (e.g. Siemens
+    CSA Non-Image, 1.3.12.2.1107.5.9.1) never reaches a pipeline. A pipeline with no
+    entry there reads every instance.
     """
     rows = session.scalars(
         select(Instance).where(Instance.series_id == series_id).order_by(Instance.id)
@@ -113,14 +120,17 @@ def _selected_instances(session: Session, series_id: int) -> list[Instance]:
     newest: dict[str, Instance] = {}
     for row in rows:
         newest[row.sop_instance_uid] = row
-    return sorted(
-        newest.values(),
+    wanted = PIPELINE_SOP_CLASSES.get(pipeline)
+    selected = [i for i in newest.values() if wanted is None or i.sop_class_uid in wanted]
+    ordered = sorted(
+        selected,
         key=lambda i: (
             i.slice_position if i.slice_position is not None else float("inf"),
             i.instance_number if i.instance_number is not None else 0,
             i.sop_instance_uid,
         ),
     )
+    return ordered, len(newest) - len(selected)
 
 
 def _series_facts(session: Session, study_id: int) -> dict[str, tuple[int, SeriesFacts]]:
@@ -210,7 +220,7 @@ class Dispatcher:
             log.error("model of pipeline unusable", extra=fields(pipeline=pipeline, error=str(exc)))
             identity = None
         version = identity.version if identity else "none"
-        instances = _selected_instances(session, series_id)
+        instances, skipped = _selected_instances(session, series_id, pipeline)
         key = job_key([i.sha256 for i in instances], pipeline, version)
         existing = session.scalars(select(Job).where(Job.job_key == key)).first()
         if existing is not None:
@@ -250,6 +260,7 @@ class Dispatcher:
             pipeline=pipeline,
             model_version=job.model_version,
             instances=len(instances),
+            skipped_instances=skipped,
         )
         try:
             check_job_inputs(session, job)

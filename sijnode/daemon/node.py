@@ -3,8 +3,13 @@
 One engine per process, dependencies passed in, nothing global. ``Node.start`` makes the
 audit agree with the spool first (records orphaned spool files, closes association rows
 left open), opens the DICOM port, then starts the completion loop (which dispatches the
-complete studies) and the reconciler (which sends the jobs owed a message,
-:mod:`sijnode.daemon.reconcile`). Nothing before the port opens waits for the broker.
+complete studies), the reconciler (which sends the jobs owed a message,
+:mod:`sijnode.daemon.reconcile`) and the delivery loop
+(:class:`~sijnode.delivery.scheduler.DeliveryScheduler`: sends the deliveries the workers
+queue with each report, with retries whose schedule is in the audit). Nothing before the
+port opens waits for the broker. With ``delivery.commitment_port = 0`` the DICOM
+listener itself takes the Storage Commitment N-EVENT-REPORTs (PS3.4 J.3.3) and hands
+them to the delivery loop's handler.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from sijnode.db.engine import make_engine, make_sessionmaker, record_event, tran
 from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import check_schema_current
 from sijnode.db.schema import EventType, Instance, Study, StudyState, utcnow
+from sijnode.delivery.scheduler import DeliveryScheduler
 from sijnode.errors import ConfigurationError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities
@@ -79,11 +85,21 @@ class Node:
             settings.node.site,
             workers=max(2, settings.node.max_associations),
         )
-        self.models = ModelIdentities(settings.pipelines)
+        self.models = ModelIdentities(settings.pipelines, settings.data_dir)
         self.embedded: EmbeddedWorker | None = None
         self.queue = self._make_queue()
         self.dispatcher = Dispatcher(settings, sessions, self.queue, self.models)
-        self.scp = StorageSCP(settings.node, self.ingestor, self.metrics)
+        self.delivery = DeliveryScheduler(settings, sessions, registry=self.metrics.registry)
+        if self.embedded is not None:  # a job just reported: look for its deliveries now
+            self.embedded.on_done = lambda _job_id: self.delivery.wake()
+        self.scp = StorageSCP(
+            settings.node,
+            self.ingestor,
+            self.metrics,
+            commitment_handler=(
+                None if settings.delivery.commitment_port else self.delivery.commitment_handler
+            ),
+        )
         self.reconciler = Reconciler(
             sessions,
             self.dispatcher,
@@ -145,6 +161,7 @@ class Node:
                 ) from exc
             self._loop.start()
             self._reconcile.start()
+            self.delivery.start()
             if self.settings.database.pseudonym_secret == DEFAULT_PSEUDONYM_SECRET:
                 log.warning(
                     "database.pseudonym_secret is the default: set a site secret before real use"
@@ -172,6 +189,7 @@ class Node:
         for thread in (self._loop, self._reconcile):
             if thread.is_alive():
                 thread.join(10)
+        self.delivery.stop()
         if self.embedded is not None:
             self.embedded.stop()
         self.ingestor.close()

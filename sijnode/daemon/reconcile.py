@@ -10,8 +10,9 @@ node, looks every ``broker.reconcile_interval_seconds`` for
   ``broker.unclaimed_after_seconds`` ago and still not claimed by a worker (the broker
   may have lost the message, e.g. Redis restarted without persistence);
 - at start-up, the jobs the previous process owed: ``running`` jobs interrupted in the
-  embedded worker, every ``queued`` job of the embedded queue (it lived in memory), and
-  ``no_model`` jobs whose pipeline now has a model;
+  embedded worker, every ``queued`` job of the embedded queue (it lived in memory),
+  ``no_model`` jobs whose pipeline now has a model, and ``inferred`` jobs (their worker
+  was lost before the report step; the worker reports them from the saved result);
 
 and sends each again, one short try, with exponential backoff per job
 (``broker.retry_initial_seconds`` doubling up to ``broker.retry_max_seconds``). A failed
@@ -105,7 +106,9 @@ class Reconciler:
 
     def owed_at_start(self) -> int:
         """Find the jobs the previous process owed a message (call before listening)."""
-        sendable = [JobState.QUEUED, JobState.NO_MODEL]
+        # inferred: the worker was lost before the report step (it reports from the
+        # saved result; building the same job's outputs again is harmless)
+        sendable = [JobState.QUEUED, JobState.NO_MODEL, JobState.INFERRED]
         if not self.can_lose_messages:
             sendable.append(JobState.RUNNING)  # interrupted in this node's embedded worker
         with transaction(self.sessions) as session:
@@ -146,7 +149,9 @@ class Reconciler:
             still = session.scalars(
                 select(Job.id).where(
                     Job.id.in_(self._owed),
-                    Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.NO_MODEL]),
+                    Job.state.in_(
+                        [JobState.QUEUED, JobState.RUNNING, JobState.NO_MODEL, JobState.INFERRED]
+                    ),
                 )
             ).all()
             self._owed.intersection_update(still)
@@ -160,7 +165,7 @@ class Reconciler:
         read its candidates; a message then would only be a second one.
         """
         owed = job.id in self._owed
-        if owed and job.state is JobState.NO_MODEL:
+        if owed and job.state in (JobState.NO_MODEL, JobState.INFERRED):
             return True
         if owed and job.state is JobState.RUNNING:
             return not self.can_lose_messages  # interrupted in the embedded worker

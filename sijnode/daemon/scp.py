@@ -49,6 +49,7 @@ from sijnode.daemon.spool import TMP_DIR
 from sijnode.daemon.staging import StagedFile
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.schema import Association, AssociationOutcome, EventType, utcnow
+from sijnode.delivery.commitment import CommitmentReportHandler
 from sijnode.errors import AuditError, DiskFullError, InvalidInstanceError, SijnodeError, SpoolError
 from sijnode.logs import fields
 from sijnode.settings import NodeSettings, TLSSettings
@@ -181,8 +182,11 @@ class StorageSCP:
         settings: NodeSettings,
         ingestor: Ingestor,
         metrics: NodeMetrics,
+        commitment_handler: CommitmentReportHandler | None = None,
     ) -> None:
         self.settings = settings
+        #: Takes Storage Commitment N-EVENT-REPORTs on this listener (None: not offered).
+        self.commitment_handler = commitment_handler
         self.ingestor = ingestor
         self.sessions = ingestor.sessions
         self.metrics = metrics
@@ -208,6 +212,9 @@ class StorageSCP:
         ae.maximum_pdu_size = s.maximum_pdu_size
         syntaxes = self._syntaxes
         ae.add_supported_context(Verification, syntaxes[:2])
+        if self.commitment_handler is not None:
+            # the PACS reports commitment results as the SCP of the class (PS3.4 J.3.3)
+            CommitmentReportHandler.add_context(ae)
         for cx in StoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, syntaxes)
@@ -234,6 +241,8 @@ class StorageSCP:
         ]
         if self.mode == "fast":
             handlers.append((evt.EVT_DIMSE_RECV, self._on_dimse_received))
+        if self.commitment_handler is not None:
+            handlers += self.commitment_handler.handlers()
         try:
             server = self.ae.make_server(  # the server_class given, typed loosely upstream
                 (self.settings.bind_address, self.settings.port),

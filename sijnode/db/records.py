@@ -21,6 +21,7 @@ from sijnode.db.lifecycle import TERMINAL_JOB_STATES as TERMINAL_JOB_STATES  # r
 from sijnode.db.lifecycle import transition
 from sijnode.db.schema import (
     Delivery,
+    DeliveryAttempt,
     DeliveryStatus,
     EventType,
     Job,
@@ -302,3 +303,73 @@ def record_delivery_attempt(
     )
     event.at = when
     return delivery
+
+
+# -- delivery (sijnode.delivery) ---------------------------------------------------------
+
+
+def record_delivery_outcome(
+    session: Session,
+    delivery: Delivery,
+    outcome: str,
+    status: DeliveryStatus,
+    *,
+    started_at: datetime | None = None,
+    error: str | None = None,
+    status_code: int | None = None,
+    sop_instance_uids: Sequence[str] = (),
+    next_attempt_at: datetime | None = None,
+    count_attempt: bool = True,
+    at: datetime | None = None,
+) -> DeliveryAttempt:
+    """Record one outcome of ``delivery`` (an attempt, a commitment report, a shadow run).
+
+    Sets the delivery's status, error, next attempt and delivered time; appends a
+    ``delivery_attempts`` row and a DELIVERY_ATTEMPT event in the same transaction.
+    ``count_attempt`` is False for results that are not a new try (a commitment report).
+    """
+    when = _when(at)
+    status = DeliveryStatus(status)
+    if count_attempt:
+        delivery.attempts = (delivery.attempts or 0) + 1
+    delivery.status = status
+    delivery.last_error = error
+    delivery.last_status = status_code
+    delivery.next_attempt_at = None if next_attempt_at is None else as_utc(next_attempt_at)
+    if status is DeliveryStatus.DELIVERED:
+        delivery.delivered_at = when
+    row = DeliveryAttempt(
+        delivery_id=delivery.id,
+        attempt=delivery.attempts,
+        started_at=when if started_at is None else as_utc(started_at),
+        finished_at=when,
+        outcome=outcome,
+        status=status_code,
+        error=error,
+        sop_instance_uids=list(sop_instance_uids),
+    )
+    session.add(row)
+    job = delivery.job
+    event = record_event(
+        session,
+        EventType.DELIVERY_ATTEMPT,
+        study_id=job.study_id,
+        job_id=job.id,
+        delivery_id=delivery.id,
+        destination=delivery.destination,
+        kind=delivery.kind,
+        attempt=delivery.attempts,
+        success=status in (DeliveryStatus.DELIVERED, DeliveryStatus.COMMITTING),
+        status=status.value,
+        outcome=outcome,
+        **_extra(
+            error=error,
+            status_code=status_code,
+            sop_instance_uids=list(sop_instance_uids),
+            next_attempt_at=None
+            if next_attempt_at is None
+            else as_utc(next_attempt_at).isoformat(),
+        ),
+    )
+    event.at = when
+    return row

@@ -100,8 +100,12 @@ class DeliveryStatus(enum.StrEnum):
 
     PENDING = "pending"
     RETRYING = "retrying"
+    #: Stored; waiting for the peer's Storage Commitment result (PS3.4 J.3).
+    COMMITTING = "committing"
     DELIVERED = "delivered"
     DEAD = "dead"
+    #: Shadow mode: recorded, never sent.
+    SHADOW = "shadow"
 
 
 class EventType(enum.StrEnum):
@@ -128,6 +132,7 @@ class EventType(enum.StrEnum):
     PREDICTION_RECORDED = "prediction_recorded"
     OUTPUT_RECORDED = "output_recorded"
     DELIVERY_ATTEMPT = "delivery_attempt"
+    DELIVERY_REQUEUED = "delivery_requeued"
     TRUTH_IMPORTED = "truth_imported"
     NODE_STARTED = "node_started"
     RECOVERY = "recovery"
@@ -377,8 +382,19 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: dicom (C-STORE), stow (STOW-RS) or webhook (triage notification).
+    kind: Mapped[str] = mapped_column(String(16), default="dicom", server_default="dicom")
+    #: SOP Instance UIDs the peer acknowledged in the last attempt.
+    sop_instance_uids: Mapped[list[str] | None] = mapped_column(JSON, default=list)
+    #: DIMSE or HTTP status of the last failure (0xA700, 503, ...).
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    commitment_transaction_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    committed_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+    attempt_log: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="delivery", order_by="DeliveryAttempt.id"
+    )
 
 
 class GroundTruth(Base):
@@ -422,3 +438,90 @@ class Event(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ModelRecord(Base):
+    """An imported model checkpoint: version, spec and file (``sijnode models import``).
+
+    ``version`` is the spec's hash of spec plus weights; a job's ``model_version`` names
+    the rows of its model set (:class:`ModelSetMember`), so every job that ran points at
+    the whole spec of each model it used.
+    """
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    task: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    architecture: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: The file, relative to ``data_dir`` (absolute for a checkpoint used where it lies).
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    imported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelSetMember(Base):
+    """One model of a pipeline's model set: ``set_version`` is what jobs record.
+
+    A CT set is its one classifier (``set_version`` = the classifier's version); the MR set
+    is the ROI classifier plus the SI-joint localiser, under a hash of both versions.
+    """
+
+    __tablename__ = "model_set_members"
+    __table_args__ = (
+        UniqueConstraint("set_version", "role", name="uq_model_set_members_set_role"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    set_version: Mapped[str] = mapped_column(String(64), index=True)
+    pipeline: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(ForeignKey("models.version"))
+
+
+class PredictionDetail(Base):
+    """What a pipeline decided beyond the score (one row per prediction).
+
+    The decision (present, absent, indeterminate) and its reason, the slice threshold, the
+    aggregation's parameters, the recorded steps (localisation boxes, rejected boxes, noise
+    seed), the device and precision, and the result directory relative to ``data_dir``.
+    """
+
+    __tablename__ = "prediction_details"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), unique=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    finding: Mapped[str] = mapped_column(String(64))
+    laterality: Mapped[str | None] = mapped_column(String(2))
+    slice_threshold: Mapped[float] = mapped_column(Float)
+    aggregation_parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    steps: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    algorithm: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    device: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str] = mapped_column(String(16))
+    #: ``result.json`` and ``heatmaps.npz`` of the job, relative to ``data_dir``.
+    result_dir: Mapped[str | None] = mapped_column(Text)
+
+
+class DeliveryAttempt(Base):
+    """One try of one delivery: when, its outcome, what the peer acknowledged (append-only)."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: delivered, committing, committed, transient, permanent or shadow.
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+    delivery: Mapped[Delivery] = relationship(back_populates="attempt_log")

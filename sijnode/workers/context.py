@@ -10,18 +10,23 @@ from sijnode.settings import Settings
 from sijnode.workers.jobs import PipelineRunner, WorkerContext
 
 
-def available_runners() -> dict[str, PipelineRunner]:
-    """The pipeline implementations this installation provides, by pipeline name.
+def available_runners(settings: Settings) -> dict[str, PipelineRunner]:
+    """The runner of every configured pipeline, by pipeline name.
 
-    None ship yet: jobs end in the ``no_model`` state until the model pipelines land.
+    Every pipeline runs through :func:`sijnode.workers.inference.run_inference`, which
+    picks the registered implementation (``sijnode.models.registry``) from the task of the
+    pipeline's model; nothing is imported or loaded here (the listener builds this too).
     """
-    return {}
+    from sijnode.workers.inference import run_inference
+
+    return dict.fromkeys(settings.pipelines, run_inference)
 
 
 def make_worker_context(
     settings: Settings,
     sessions: sessionmaker[Session] | None = None,
     models: ModelIdentities | None = None,
+    device: str | None = None,
 ) -> WorkerContext:
     """Sessions, pipelines and model identities for one worker (its own engine if none)."""
     if sessions is None:
@@ -33,5 +38,9 @@ def make_worker_context(
             )
         )
     return WorkerContext(
-        settings, sessions, available_runners(), models or ModelIdentities(settings.pipelines)
+        settings,
+        sessions,
+        available_runners(settings),
+        models or ModelIdentities(settings.pipelines, settings.data_dir),
+        device=device,
     )

@@ -1,27 +1,110 @@
-"""The embedded worker: the same job code in a thread of ``sijnode serve``.
+"""The embedded worker: the same job code in a child process of ``sijnode serve``.
 
-Used when ``broker.url`` is empty, so one process is a complete node (no Redis). Jobs run
-one at a time in arrival order; the queue lives in the audit database (queued and
-interrupted jobs are sent again at start-up), so nothing is lost when the process dies.
+Used when ``broker.url`` is empty, so one process tree is a complete node (no Redis). A
+feeder thread in the listener takes job messages in arrival order and hands each to a
+child process (``multiprocessing`` spawn: torch is imported only there, and inference
+never holds the listener's GIL). The child loads the models once when it starts and keeps
+them. A job whose pipeline has no usable model only needs its ``no_model`` bookkeeping,
+which the feeder does itself, so a node without models never starts a child. The queue
+lives in the audit database (queued jobs are sent again at start-up), and a job whose
+child died is run once more in a fresh child, so nothing is lost when a process dies.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import queue
 import threading
 import uuid
+from collections.abc import Callable
+from multiprocessing.context import SpawnProcess
+from typing import Any
 
+from sijnode.db.engine import transaction
+from sijnode.db.records import set_job_state
+from sijnode.db.schema import Job, JobState
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
-from sijnode.workers.jobs import WorkerContext, execute_job
+from sijnode.workers.jobs import INFERENCE_DONE_STATES, WorkerContext, execute_job
 from sijnode.workers.messages import JobMessage
 
 log = logging.getLogger(__name__)
 
+#: Runs of one job in a fresh child after its child died, before the job fails.
+CHILD_DEATHS_ALLOWED = 2
+_POLL_SECONDS = 0.5
+
+
+def _child_main(settings_json: str, device: str | None, jobs: Any, done: Any) -> None:
+    """Body of the child process: build a worker context, load the models, run jobs."""
+    from sijnode.logs import configure_logging
+    from sijnode.settings import Settings
+    from sijnode.workers.celery_app import serve_metrics, warm_pipelines
+    from sijnode.workers.context import make_worker_context
+
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(settings.logging.level, settings.logging.json_format)
+    ctx = make_worker_context(settings, device=device)
+    warm_pipelines(ctx, list(settings.pipelines))  # once, before the first job
+    serve_metrics(ctx)
+    done.put(("ready", None))
+    while True:
+        job_id = jobs.get()
+        if job_id is None:
+            return
+        try:
+            state = execute_job(ctx, job_id).value
+        except SijnodeError as exc:
+            log.error("embedded job failed", extra=fields(job_id=job_id, error=str(exc)))
+            state = "error"
+        except Exception:  # the child outlives a broken job
+            log.exception("embedded job raised", extra=fields(job_id=job_id))
+            state = "error"
+        done.put((job_id, state))
+
+
+class _Child:
+    """One child process and its two queues."""
+
+    def __init__(self, settings_json: str, device: str | None) -> None:
+        context = mp.get_context("spawn")
+        self.jobs: Any = context.Queue()
+        self.done: Any = context.Queue()
+        self.process: SpawnProcess = context.Process(
+            target=_child_main,
+            args=(settings_json, device, self.jobs, self.done),
+            name="sijnode-embedded-child",
+            daemon=True,
+        )
+        self.process.start()
+
+    def run(self, job_id: int) -> str | None:
+        """Run one job; its final state, or None when the child died first."""
+        self.jobs.put(job_id)
+        while True:
+            try:
+                key, state = self.done.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if not self.process.is_alive():
+                    return None
+                continue
+            if key == job_id:
+                return str(state)
+
+    def stop(self, timeout: float) -> None:
+        if self.process.is_alive():
+            self.jobs.put(None)
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.jobs.close()
+        self.done.close()
+
 
 class EmbeddedWorker:
-    """A JobQueue whose messages are run by a background thread."""
+    """A JobQueue whose messages run in a child process, one at a time, in order."""
 
     #: Messages live in this process's memory: only a crash loses them, and start-up
     #: recovery sends every queued job again.
@@ -33,13 +116,25 @@ class EmbeddedWorker:
         self._thread = threading.Thread(target=self._run, name="sijnode-embedded-worker")
         self._idle = threading.Event()
         self._idle.set()
+        self._child: _Child | None = None
+        self._child_lock = threading.Lock()
+        #: Called with the job id after each job (the node wakes its delivery loop).
+        self.on_done: Callable[[int], None] | None = None
+
+    @property
+    def child_pid(self) -> int | None:
+        """Process id of the running child, if any (tests, metrics)."""
+        child = self._child
+        return child.process.pid if child is not None and child.process.is_alive() else None
 
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the feeder thread; start the child now if any pipeline has a model."""
+        if any(self._has_model(name) for name in self.ctx.settings.pipelines):
+            self._ensure_child()
         self._thread.start()
 
     def send(self, message: JobMessage) -> str:
-        """Queue ``message`` for the worker thread."""
+        """Queue ``message`` for the worker."""
         self._idle.clear()
         self._queue.put(message)
         return f"embedded-{uuid.uuid4().hex[:12]}"
@@ -49,10 +144,50 @@ class EmbeddedWorker:
         return self._idle.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the job in hand and stop."""
+        """Finish the job in hand and stop the thread and the child."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout)
+        with self._child_lock:
+            if self._child is not None:
+                self._child.stop(timeout)
+                self._child = None
+
+    def _has_model(self, pipeline: str) -> bool:
+        try:
+            return self.ctx.models(pipeline) is not None
+        except SijnodeError:
+            return False
+
+    def _ensure_child(self) -> _Child:
+        with self._child_lock:
+            if self._child is None or not self._child.process.is_alive():
+                self._child = _Child(self.ctx.settings.model_dump_json(), self.ctx.device)
+                log.info(
+                    "embedded worker process started", extra=fields(pid=self._child.process.pid)
+                )
+            return self._child
+
+    def _run_in_child(self, job_id: int) -> None:
+        for attempt in range(1, CHILD_DEATHS_ALLOWED + 1):
+            child = self._ensure_child()
+            if child.run(job_id) is not None:
+                return
+            code = child.process.exitcode
+            log.error(
+                "embedded worker process died during a job",
+                extra=fields(job_id=job_id, exit_code=code, attempt=attempt),
+            )
+        with transaction(self.ctx.sessions) as session:
+            job = session.get_one(Job, job_id)
+            if job.state not in INFERENCE_DONE_STATES:
+                set_job_state(
+                    session,
+                    job,
+                    JobState.FAILED,
+                    f"the embedded worker process died {CHILD_DEATHS_ALLOWED} times running "
+                    f"this job (last exit code {code})",
+                )
 
     def _run(self) -> None:
         while True:
@@ -60,7 +195,10 @@ class EmbeddedWorker:
             if message is None:
                 return
             try:
-                execute_job(self.ctx, message.job_id)
+                if self._has_model(message.pipeline):
+                    self._run_in_child(message.job_id)
+                else:  # only no_model bookkeeping: no inference, no torch, no child
+                    execute_job(self.ctx, message.job_id)
             except SijnodeError as exc:
                 log.error(
                     "embedded job failed", extra=fields(job_id=message.job_id, error=str(exc))
@@ -68,5 +206,7 @@ class EmbeddedWorker:
             except Exception:  # the worker thread outlives a broken job
                 log.exception("embedded job raised", extra=fields(job_id=message.job_id))
             finally:
+                if self.on_done is not None:
+                    self.on_done(message.job_id)
                 if self._queue.empty():
                     self._idle.set()

@@ -1,10 +1,12 @@
 """The job task body, shared by the Celery task and the embedded worker.
 
-Idempotent: a job that already reached a terminal state, was superseded, or is past its
-run (inferred, reported) is left as it is, so a re-delivered message (``acks_late``,
+Idempotent: a job that already reached a terminal state, was superseded, or was
+reported is left as it is, so a re-delivered message (``acks_late``,
 recovery) does no harm. A pipeline with no model configured puts the job in the
 ``no_model`` state: it is kept, not dropped, and ``sijnode serve`` sends it again at
-start-up once a model is configured. States change only through
+start-up once a model is configured. A job that reaches ``inferred`` is reported at once
+(:func:`sijnode.workers.reporting.report_job`); one found ``inferred`` (its worker was lost
+between the two steps) is only reported, from its saved result. States change only through
 :func:`sijnode.db.lifecycle.transition`."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,15 +24,23 @@ from sijnode.db.engine import transaction
 from sijnode.db.instances import check_job_inputs
 from sijnode.db.lifecycle import JOB, TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState
-from sijnode.errors import MixedInputsError, SijnodeError, TransitionError
+from sijnode.errors import MixedInputsError, NoModelError, SijnodeError, TransitionError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
+from sijnode.workers.metrics import WorkerMetrics
+from sijnode.workers.reporting import report_job
+
+if TYPE_CHECKING:
+    from sijnode.models.result import PipelineResult
 
 log = logging.getLogger(__name__)
 
 #: A pipeline implementation: runs a job whose model is known, returns the final state.
 PipelineRunner = Callable[["WorkerContext", Job, ModelIdentity], JobState]
+
+#: States in which a job's inference is done: a re-delivered message leaves them alone.
+INFERENCE_DONE_STATES = TERMINAL_JOB_STATES | {JobState.INFERRED, JobState.REPORTED}
 
 
 @dataclass
@@ -42,6 +53,14 @@ class WorkerContext:
     models: ModelIdentities
     #: Recorded on every job this worker claims; looked up when the context is built.
     hostname: str = field(default_factory=lambda: socket.gethostname())
+    #: Device for every pipeline (``sijnode worker --device``); None = each pipeline's own.
+    device: str | None = None
+    #: Loaded (warm) pipelines of this process, by model-set version.
+    loaded: dict[str, Any] = field(default_factory=dict)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    #: The result of the job just inferred, by job id, handed from the runner to the
+    #: report step in the same process (heatmaps and all); emptied after each job.
+    results: dict[int, PipelineResult] = field(default_factory=dict)
 
 
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
@@ -56,21 +75,29 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise SijnodeError(f"job {job_id} does not exist in the audit database")
-        if job.state in TERMINAL_JOB_STATES or JobState.RUNNING not in JOB.allowed(job.state):
-            # finished, or past its run (inferred, reported): a re-delivered message
-            # leaves it as it is
+        if job.state is JobState.INFERRED:
+            # inferred, not reported: the worker that ran it was lost between the steps
+            log.info("job inferred but not reported: reporting it", extra=fields(job_id=job_id))
+            report_only = True
+        elif job.state in INFERENCE_DONE_STATES or JobState.RUNNING not in JOB.allowed(job.state):
+            # finished, or past its run (reported): a re-delivered message leaves it
             log.info("job already run", extra=fields(job_id=job_id, state=job.state.value))
             return job.state
-        pipeline = job.pipeline
-        job.worker_host = ctx.hostname
-        job.attempts = (job.attempts or 0) + 1
-        transition(session, job, JobState.RUNNING, f"attempt {job.attempts}")
-        try:
-            check_job_inputs(session, job)
-        except MixedInputsError as exc:
-            transition(session, job, JobState.FAILED, str(exc))
-            log.error("job refused: mixed inputs", extra=fields(job_id=job_id, error=str(exc)))
-            return JobState.FAILED
+        else:
+            report_only = False
+            pipeline = job.pipeline
+            job_version = job.model_version
+            job.worker_host = ctx.hostname
+            job.attempts = (job.attempts or 0) + 1
+            transition(session, job, JobState.RUNNING, f"attempt {job.attempts}")
+            try:
+                check_job_inputs(session, job)
+            except MixedInputsError as exc:
+                transition(session, job, JobState.FAILED, str(exc))
+                log.error("job refused: mixed inputs", extra=fields(job_id=job_id, error=str(exc)))
+                return JobState.FAILED
+    if report_only:
+        return report_job(ctx, job_id)
     started = time.perf_counter()
     runner = ctx.runners.get(pipeline)
     try:
@@ -80,27 +107,44 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         reason = str(exc)
     else:
         reason = (
-            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.checkpoint"
+            f"no model configured for pipeline {pipeline!r}: set pipelines.{pipeline}.model"
             if identity is None
             else f"pipeline {pipeline!r} has no implementation in this worker"
         )
+    if identity is not None and job_version is not None and job_version != identity.version:
+        # the job key names a model set; running another one would record a false result
+        reason = (
+            f"job {job_id} needs model {job_version} for pipeline {pipeline!r}; "
+            f"this worker has {identity.version}"
+        )
+        identity = None
     if identity is None or runner is None:
         final = _finish(ctx, job_id, JobState.NO_MODEL, reason)
         log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
     with transaction(ctx.sessions) as session:
         job = session.get_one(Job, job_id)
     try:
         final = runner(ctx, job, identity)
+    except NoModelError as exc:  # the model cannot be loaded here: the job waits
+        final = _finish(ctx, job_id, JobState.NO_MODEL, str(exc))
+        log.error("job waits: model not loadable", extra=fields(job_id=job_id, error=str(exc)))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
+        return final
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
         final = _finish(ctx, job_id, JobState.FAILED, str(exc))
         log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
+        ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
-    log.info(
-        "job finished",
-        extra=fields(job_id=job_id, state=final.value, seconds=time.perf_counter() - started),
-    )
+    ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
+    if final is JobState.INFERRED:  # the result is still in memory: report it now
+        final = report_job(ctx, job_id, ctx.results.pop(job_id, None))
+    ctx.results.pop(job_id, None)
+    seconds = time.perf_counter() - started
+    log.info("job finished", extra=fields(job_id=job_id, state=final.value, seconds=seconds))
+    ctx.metrics.job_seconds.labels(pipeline=pipeline).observe(seconds)
     return final
 
 

@@ -1,16 +1,47 @@
-"""Where job messages go: an in-process worker (embedded) or Celery on Redis."""
+"""Where job messages go: an embedded worker (child process) or Celery on Redis.
+
+Each pipeline has its own Celery queue (``pipelines.<name>.queue``, default
+``sijnode.<name>``), so GPU hosts can serve only the pipelines whose models they hold;
+``broker.queue`` (``sijnode.jobs``) carries the jobs of a pipeline without a queue entry.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
 from sijnode.errors import DispatchError
+from sijnode.settings import Settings
 from sijnode.workers.messages import RUN_JOB_TASK, JobMessage
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from sijnode.settings import BrokerSettings
+
+
+def pipeline_queue(settings: Settings, pipeline: str) -> str:
+    """The Celery queue of ``pipeline``'s jobs."""
+    configured = settings.pipelines.get(pipeline)
+    if configured is None:
+        return settings.broker.queue
+    return configured.queue or f"sijnode.{pipeline}"
+
+
+def worker_queues(settings: Settings, names: str = "") -> list[str]:
+    """Queues a worker reads: ``ct,mr`` are pipeline names, anything else a queue name.
+
+    Empty: every pipeline's queue and ``broker.queue``.
+    """
+    items = [n.strip() for n in names.split(",") if n.strip()]
+    if not items:
+        items = [*settings.pipelines, settings.broker.queue]
+    queues = [pipeline_queue(settings, n) if n in settings.pipelines else n for n in items]
+    return list(dict.fromkeys(queues))
+
+
+def queue_pipelines(settings: Settings, queues: list[str]) -> list[str]:
+    """The pipelines whose jobs arrive on ``queues`` (the models a worker loads)."""
+    return [name for name in settings.pipelines if pipeline_queue(settings, name) in queues]
 
 
 class JobQueue(Protocol):
@@ -57,10 +88,19 @@ class CeleryQueue:
 
     can_lose_messages = True
 
-    def __init__(self, app: Celery, broker: BrokerSettings) -> None:
+    def __init__(
+        self, app: Celery, broker: BrokerSettings, settings: Settings | None = None
+    ) -> None:
         self.app = app
         self.queue = broker.queue
+        self.settings: Settings | None = settings or getattr(app, "sijnode_settings", None)
         app.conf.update(publisher_options(broker))
+
+    def queue_for(self, pipeline: str) -> str:
+        """The queue a job of ``pipeline`` is sent to (its pipeline's own queue)."""
+        if self.settings is None:
+            return self.queue
+        return pipeline_queue(self.settings, pipeline)
 
     def send(self, message: JobMessage) -> str:
         """Send the run-job task with the message as its only argument (no retries)."""
@@ -68,7 +108,7 @@ class CeleryQueue:
             result = self.app.send_task(
                 RUN_JOB_TASK,
                 kwargs={"message": message.model_dump(mode="json")},
-                queue=self.queue,
+                queue=self.queue_for(message.pipeline),
                 retry=False,
             )
         except Exception as exc:  # kombu and redis raise many types; all mean "not queued"
