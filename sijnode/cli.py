@@ -175,9 +175,20 @@ def _register_parts() -> None:
     from sijnode.delivery import cli as delivery_cli
     from sijnode.models import cli as models_cli
     from sijnode.synth import cli as synth_cli
+    from sijnode.training import cli as training_cli
     from sijnode.workers import cli as workers_cli
 
-    for part in (synth_cli, daemon_cli, workers_cli, db_cli, audit_cli, models_cli, delivery_cli):
+    parts = (
+        synth_cli,
+        daemon_cli,
+        workers_cli,
+        db_cli,
+        audit_cli,
+        models_cli,
+        delivery_cli,
+        training_cli,
+    )
+    for part in parts:
         part.register(app, invocation.settings)
 
 

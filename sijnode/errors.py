@@ -86,3 +86,7 @@ class PipelineError(SijnodeError):
 
 class DeliveryError(SijnodeError):
     """A result could not be prepared for delivery or a delivery could not be changed."""
+
+
+class TrainingError(SijnodeError):
+    """A training run cannot start or continue (run directory, device, resume mismatch)."""

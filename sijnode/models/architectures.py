@@ -4,6 +4,8 @@
 - ``resnet18_hidden_head``: ResNet18 whose head has one hidden fully connected layer
   (``Linear -> ReLU -> Linear``), sigmoid applied to its logit (Lee et al. 2021 §2.3).
 - ``localizer_cnn_v1``: a small CNN regressing two iliac boxes (docs/models.md).
+- ``vgg16``, ``resnet101``, ``densenet121``, ``inception_v4`` (timm): the CT paper's
+  comparison networks, each with a linear head of one logit (``sijnode train ct --compare``).
 
 Nothing is downloaded; weights come from a checkpoint (``checkpoint.load_model``) or are
 seeded at random here for tests and benchmarks (``seeded_state_dict``).
@@ -11,6 +13,7 @@ seeded at random here for tests and benchmarks (``seeded_state_dict``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -74,6 +77,21 @@ class LocalizerCNN(nn.Module):
         return torch.sigmoid(self.head(self.pool(self.features(x))))
 
 
+def _inception_v4() -> nn.Module:
+    import timm
+
+    return timm.create_model("inception_v4", pretrained=False, num_classes=1)
+
+
+#: The CT paper's comparison networks (Fu et al. 2024), 3 channels in, one logit out.
+COMPARISON_ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "vgg16": lambda: tvm.vgg16(weights=None, num_classes=1),
+    "resnet101": lambda: tvm.resnet101(weights=None, num_classes=1),
+    "densenet121": lambda: tvm.densenet121(weights=None, num_classes=1),
+    "inception_v4": _inception_v4,
+}
+
+
 def build(spec: ModelSpec) -> nn.Module:
     """The untrained network of ``spec.architecture`` (on the current default device)."""
     channels = spec.preprocessing.channels
@@ -84,6 +102,10 @@ def build(spec: ModelSpec) -> nn.Module:
         model.fc = HiddenHead(512, MR_HIDDEN_UNITS)  # ResNet18 pooled features: 512
     elif spec.architecture == "localizer_cnn_v1":
         return LocalizerCNN(channels)
+    elif spec.architecture in COMPARISON_ARCHITECTURES:
+        if channels != 3:
+            raise CheckpointError(f"{spec.architecture} expects 3 input channels, got {channels}")
+        return COMPARISON_ARCHITECTURES[spec.architecture]()
     else:
         raise CheckpointError(f"unknown architecture {spec.architecture!r}")
     if channels != 3:

@@ -34,6 +34,12 @@ ARCHITECTURE_TASKS: dict[str, tuple[str, ...]] = {
     "resnet18_hidden_head": ("mr_roi_classifier",),
     # SI-joint localiser: small CNN regressing two boxes (docs/models.md).
     "localizer_cnn_v1": ("si_joint_localizer",),
+    # Fu et al. 2024's comparison networks (``sijnode train ct --compare``), linear 1-logit
+    # heads; the node's CT pipeline explains ResNet-family networks only (docs/training.md).
+    "vgg16": ("ct_slice_classifier",),
+    "resnet101": ("ct_slice_classifier",),
+    "densenet121": ("ct_slice_classifier",),
+    "inception_v4": ("ct_slice_classifier",),
 }
 
 #: ImageNet statistics (the papers fine-tune ImageNet-pretrained networks).

@@ -1,0 +1,140 @@
+"""``sijnode train ct|mr|localizer`` and ``sijnode evaluate`` (docs/training.md).
+
+Light at import (typer only); torch and the protocols load inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from sijnode.settings import SettingsLoader
+
+_DATA = typer.Option(..., "--data", help="Data set folder with labels.csv and rois.csv.")
+_OUT = typer.Option(..., "--out", help="Run directory (new or empty; or the one to --resume).")
+
+
+def register(app: typer.Typer, settings: SettingsLoader) -> None:
+    """Add ``sijnode train`` (ct, mr, localizer) and ``sijnode evaluate``."""
+    train = typer.Typer(
+        help="Train models as the papers did (research use only).", no_args_is_help=True
+    )
+    app.add_typer(train, name="train")
+
+    def options(**values: Any) -> Any:
+        import os
+
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        from sijnode.training.common import TrainOptions
+
+        return TrainOptions(**values)
+
+    @train.command("ct")
+    def train_ct(
+        data: Path = _DATA,
+        out: Path = _OUT,
+        quick: bool = typer.Option(False, "--quick", help="Small images, few epochs and folds."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+        seed: int = typer.Option(0, "--seed", help="Seed of splits, initialisation, order."),
+        pretrained: Path | None = typer.Option(
+            None, "--pretrained", help="Local ImageNet weights (safetensors file or folder)."
+        ),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars (scripts, CI)."),
+        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs per job."),
+        folds: int | None = typer.Option(None, "--folds", min=2, help="Cross-validation folds."),
+        compare: bool = typer.Option(
+            False, "--compare", help="Train all five architectures of Fu et al. 2024."
+        ),
+        size: int | None = typer.Option(None, "--size", min=32, help="Input size in pixels."),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=2),
+        lr: float | None = typer.Option(None, "--lr", help="Initial learning rate."),
+        whitening: bool = typer.Option(
+            True, "--whitening/--no-whitening", help="ZCA whitening fitted on training data."
+        ),
+        target_sensitivity: float | None = typer.Option(
+            None, "--target-sensitivity", min=0.0, max=1.0,
+            help="Thresholds reach this validation sensitivity (default: Youden's J).",
+        ),
+        stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
+        max_subjects: int | None = typer.Option(None, "--max-subjects", min=3),
+    ) -> None:
+        """Train the CT slice classifier (Fu et al. 2024); exports RUN_DIR/model.safetensors."""
+        values = {k: v for k, v in locals().items() if k != "options"}
+        from sijnode.training.ct_study import run_ct
+
+        path = run_ct(options(**values))
+        typer.echo(f"wrote {path} and {path.parent / 'report.md'}")
+
+    @train.command("mr")
+    def train_mr(
+        data: Path = _DATA,
+        out: Path = _OUT,
+        quick: bool = typer.Option(False, "--quick", help="Small patches, few epochs, 2 repeats."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+        seed: int = typer.Option(0, "--seed"),
+        pretrained: Path | None = typer.Option(None, "--pretrained"),
+        resume: bool = typer.Option(False, "--resume"),
+        quiet: bool = typer.Option(False, "--quiet"),
+        epochs: int | None = typer.Option(None, "--epochs", min=1),
+        folds: int | None = typer.Option(None, "--folds", min=1, help="Repeats of the 70/30 split."),
+        compare: bool = typer.Option(
+            True, "--compare/--no-compare", help="Also train on whole images (Table 2 row 1)."
+        ),
+        size: int | None = typer.Option(None, "--size", min=32, help="ROI patch size."),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=2),
+        lr: float | None = typer.Option(None, "--lr"),
+        target_sensitivity: float | None = typer.Option(
+            None, "--target-sensitivity", min=0.0, max=1.0
+        ),
+        stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
+        max_subjects: int | None = typer.Option(None, "--max-subjects", min=3),
+    ) -> None:
+        """Train the MR ROI classifier (Lee et al. 2021); exports RUN_DIR/model.safetensors."""
+        values = {k: v for k, v in locals().items() if k != "options"}
+        from sijnode.training.mr_study import run_mr
+
+        path = run_mr(options(**values))
+        typer.echo(f"wrote {path} and {path.parent / 'report.md'}")
+
+    @train.command("localizer")
+    def train_localizer(
+        data: Path = _DATA,
+        out: Path = _OUT,
+        quick: bool = typer.Option(False, "--quick"),
+        device: str = typer.Option("cpu", "--device"),
+        seed: int = typer.Option(0, "--seed"),
+        resume: bool = typer.Option(False, "--resume"),
+        quiet: bool = typer.Option(False, "--quiet"),
+        epochs: int | None = typer.Option(None, "--epochs", min=1),
+        size: int | None = typer.Option(None, "--size", min=32),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=2),
+        lr: float | None = typer.Option(None, "--lr"),
+        stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
+        max_subjects: int | None = typer.Option(None, "--max-subjects", min=3),
+    ) -> None:
+        """Train the SI-joint localiser the MR pipeline uses; exports RUN_DIR/model.safetensors."""
+        values = {k: v for k, v in locals().items() if k != "options"}
+        from sijnode.training.localizer_study import run_localizer
+
+        path = run_localizer(options(**values))
+        typer.echo(f"wrote {path} and {path.parent / 'report.md'}")
+
+    @app.command("evaluate")
+    def evaluate(
+        model: Path = typer.Argument(..., help="Checkpoint (CT or MR classifier)."),
+        data: Path = _DATA,
+        out: Path = typer.Option(..., "--out", help="Folder for report.md and plots."),
+        localizer: Path | None = typer.Option(
+            None, "--localizer", help="MR: localiser checkpoint (default: annotated boxes)."
+        ),
+        device: str = typer.Option("cpu", "--device"),
+    ) -> None:
+        """Score a checkpoint on a labelled data set (the training report's tables and plots)."""
+        from sijnode.training.evaluate import evaluate_checkpoint
+
+        report = evaluate_checkpoint(model, data, out, device=device, localizer=localizer)
+        typer.echo(f"wrote {report}")
