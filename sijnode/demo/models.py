@@ -28,6 +28,9 @@ class TrainingPlan:
     ct_subjects: int = 14
     ct_slices: int = 8
     mr_subjects: int = 12
+    #: MR slices per study: a stack centred on the joints, where every slice shows both
+    #: ilia (the training tools need both ROI boxes on every slice).
+    mr_slices: int = 16
     seed: int = 7
     #: Extra options per training command (``sijnode train NAME --quick ...``).
     options: dict[str, tuple[str, ...]] = field(
@@ -92,7 +95,7 @@ def trained_checkpoints(
         return Checkpoints(paths["ct"], paths["mr"], paths["localizer"], cached=True)
     say(f"making training data in {cache}")
     synth(procs, data["ct"], "ct", plan.ct_subjects, plan.seed, log, slices=plan.ct_slices)
-    synth(procs, data["mr"], "mr", plan.mr_subjects, plan.seed + 1, log)
+    synth(procs, data["mr"], "mr", plan.mr_subjects, plan.seed + 1, log, slices=plan.mr_slices)
     for name, command, dataset in TRAINED:
         if paths[name].is_file():
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
 import socket
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sijnode.demo.models import TrainingPlan, synth, trained_checkpoints
+from sijnode.demo.models import Checkpoints, TrainingPlan, synth, trained_checkpoints
 from sijnode.demo.pacs import PACS_AE, Pacs, start_pacs
 from sijnode.demo.processes import DemoError, Processes, sijnode_command, wait_until
 
@@ -148,6 +149,7 @@ def echo_ok(port: int) -> bool:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # refused while starting
     ae = AE(ae_title=PACS_AE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 2
@@ -195,6 +197,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--held-out", type=int, default=2, help="Held-out studies per modality (default 2)."
     )
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="Use ct.safetensors, mr.safetensors and localizer.safetensors from this folder "
+        "instead of training.",
+    )
     return parser.parse_args(argv)
 
 
@@ -215,8 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = TrainingPlan()
     try:
         with Processes() as procs:
-            checkpoints = trained_checkpoints(procs, out / "cache", plan, log, say)
-            timings.mark("models (cached)" if checkpoints.cached else "training")
+            if args.checkpoints is not None:
+                given = args.checkpoints.resolve()
+                checkpoints = Checkpoints(
+                    given / "ct.safetensors",
+                    given / "mr.safetensors",
+                    given / "localizer.safetensors",
+                    cached=False,
+                )
+                say(f"checkpoints given in {given}")
+                timings.mark("models (given)")
+            else:
+                checkpoints = trained_checkpoints(procs, out / "cache", plan, log, say)
+                timings.mark("models (cached)" if checkpoints.cached else "training")
             studies: list[HeldOut] = []
             for modality, seed in (("ct", 1001), ("mr", 1002)):
                 folder = synth(
@@ -226,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.held_out,
                     seed,
                     log,
-                    slices=plan.ct_slices if modality == "ct" else None,
+                    slices=plan.ct_slices if modality == "ct" else plan.mr_slices,
                 )
                 studies += held_out_studies(folder)
             timings.mark("held-out studies")

@@ -200,12 +200,13 @@ def report(
     for number, study in enumerate(studies, 1):
         res = results[study.study_uid]
         table = Table(
-            title=f"study {number}: {study.modality} {study.study_uid}",
+            title=f"study {number}: {study.modality}",
             show_header=False,
             title_justify="left",
         )
         table.add_column("field", style="bold")
-        table.add_column("value")
+        table.add_column("value", overflow="fold")
+        table.add_row("StudyInstanceUID", study.study_uid)
         decision = _decision(res)
         table.add_row("pipeline", f"{res.pipeline or '-'} (model {res.model_version or '-'})")
         if decision is not None:
@@ -227,16 +228,21 @@ def report(
         if not res.delivered:
             table.add_row("not reached", f"[red]{_not_reached(res)}[/]")
         url = pacs.study_url(study.study_uid)
+        places = []
         if url is not None:
-            table.add_row("in Orthanc Explorer", url)
+            table.add_row("in Orthanc Explorer", "the link below")
+            places.append(f"  in Orthanc Explorer: {url}")
         if res.job_key:
-            table.add_row("SR and captures", str(data_dir / "outputs" / res.job_key))
+            table.add_row("SR and captures", "the folder below")
+            places.append(f"  SR and captures: {data_dir / 'outputs' / res.job_key}")
         held = pacs.held(study.study_uid)
         if held:
             table.add_row(
                 "the PACS holds", ", ".join(f"{h['modality']} ×{h['instances']}" for h in held)
             )
         console.print(table)
+        for line in places:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     sr = first_sr(config, results)
     if sr is not None:
         console.print(f"[bold]SR content tree[/] ({sr.name}, in short):")
@@ -255,16 +261,27 @@ def first_sr(config: Path, results: dict[str, StudyResult]) -> Path | None:
     return None
 
 
+#: Content items left out of the short SR tree (provenance kept in the file).
+_SR_NOISE = (
+    '"Algorithm Parameters"',
+    '"Tracking Unique Identifier"',
+    '"Device Observer',
+    '"Language of Content',
+)
+
+
 def sr_tree(path: Path, max_lines: int = 28) -> str:
     """The SR content tree, short: ``dsrdump`` when installed, else a pydicom walk."""
     dsrdump = shutil.which("dsrdump")
     if dsrdump is not None:
         done = subprocess.run(
-            [dsrdump, "-Ph", "-Pu", str(path)], capture_output=True, text=True, timeout=60
+            [dsrdump, "-Ph", str(path)], capture_output=True, text=True, timeout=60
         )
+        if done.returncode != 0:
+            return f"dsrdump failed: {done.stderr.strip()[-300:]}"
         lines = done.stdout.splitlines()
         start = next((i for i, ln in enumerate(lines) if ln.startswith("<")), 0)
-        lines = lines[start:]
+        lines = [ln for ln in lines[start:] if not any(n in ln for n in _SR_NOISE)]
     else:
         import pydicom
 
@@ -375,7 +392,7 @@ def overview(
             0, 1.18, title, transform=axes[r][0].transAxes, fontsize=9, fontweight="bold"
         )
     fig.suptitle("sijnode demo: synthetic studies, research use only", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, hspace=0.45, wspace=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
