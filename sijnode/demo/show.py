@@ -345,14 +345,14 @@ def overview(
     import pydicom
 
     data_dir = load_settings(config).data_dir
-    rows: list[tuple[str, list[tuple[Any, Any]]]] = []
+    rows: list[tuple[str, list[tuple[Any, Any | None]]]] = []
     for number, study in enumerate(studies, 1):
         res = results[study.study_uid]
         sources = {}
         for f in study.files:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             sources[str(ds.SOPInstanceUID)] = f
-        pairs = []
+        pairs: list[tuple[Any, Any | None]] = []
         for kind, _uid, stored in res.outputs:
             if kind != OutputKind.SC.value or not stored:
                 continue
@@ -362,6 +362,9 @@ def overview(
                 continue
             image = pydicom.dcmread(sources[ref]).pixel_array.astype(np.float32)
             pairs.append((image, sc.pixel_array))
+        if not pairs and study.files:
+            middle = study.files[len(study.files) // 2]
+            pairs.append((pydicom.dcmread(middle).pixel_array.astype(np.float32), None))
         decision = _decision(res)
         if decision is not None:
             verdict = "positive" if decision["label"] else "negative"
@@ -373,7 +376,7 @@ def overview(
         else:
             title = f"study {number} {study.modality}: no result ({_not_reached(res)})"
         rows.append((title, pairs))
-    if not any(pairs for _, pairs in rows):
+    if not any(cam is not None for _, pairs in rows for _, cam in pairs):
         return None
     columns = max(2, 2 * max(len(p) for _, p in rows))
     fig, axes = plt.subplots(
@@ -386,6 +389,16 @@ def overview(
             lo, hi = np.percentile(src, (1, 99))
             axes[r][2 * i].imshow(np.clip((src - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
             axes[r][2 * i].set_title("slice", fontsize=8)
+            if cam is None:
+                axes[r][2 * i].set_title("middle slice", fontsize=8)
+                axes[r][2 * i + 1].text(
+                    0.05,
+                    0.5,
+                    "no slice explained\n(none above the\nGrad-CAM threshold)",
+                    fontsize=8,
+                    transform=axes[r][2 * i + 1].transAxes,
+                )
+                continue
             axes[r][2 * i + 1].imshow(cam)
             axes[r][2 * i + 1].set_title("Grad-CAM capture", fontsize=8)
         axes[r][0].text(
