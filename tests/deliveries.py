@@ -177,6 +177,7 @@ def seed_job(
         )
         s.add(job)
         s.flush()
+        set_job_state(s, job, JobState.RUNNING)  # the lifecycle: queued → running → inferred
         set_job_state(s, job, JobState.INFERRED)
         record_prediction(s, job, 0.87 if label else 0.1, label, 0.5, level="subject")
         for path in results.files:

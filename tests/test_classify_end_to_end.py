@@ -137,13 +137,14 @@ def test_embedded_worker_records_a_result(tmp_path: Path, ct_model: tuple[Path, 
                 job.error,
                 _states(node.sessions, job.id),
             )
-            return job if job is not None and job.state is JobState.INFERRED else None
+            return job if job is not None and job.state is JobState.REPORTED else None
 
         job = wait_for(inferred, timeout=240, interval=0.5)
         assert _states(node.sessions, job.id) == [
             JobState.QUEUED,
             JobState.RUNNING,
             JobState.INFERRED,
+            JobState.REPORTED,  # no destination configured: it stays reported
         ]
         _check_result(node.sessions, job, spec, len(datasets), tmp_path / "data")
         assert node.embedded.child_pid == child  # models stayed loaded in the same child
@@ -176,7 +177,7 @@ def test_embedded_child_killed_mid_job_runs_the_job_again(
         job = wait_for(
             lambda: (
                 (j := _job_of(node.sessions, uid)) is not None
-                and j.state is JobState.INFERRED
+                and j.state is JobState.REPORTED
                 and j
             ),
             timeout=240,
@@ -243,13 +244,13 @@ def test_sijnode_serve_embedded_runs_torch_only_in_its_child(
         job = wait_for(
             lambda: (
                 (j := _job_of(sessions, uid)) is not None
-                and j.state in (JobState.INFERRED, JobState.FAILED, JobState.NO_MODEL)
+                and j.state in (JobState.REPORTED, JobState.FAILED, JobState.NO_MODEL)
                 and j
             ),
             timeout=240,
             interval=0.5,
         )
-        assert job.state is JobState.INFERRED, (job.state, job.error, log.read_text()[-3000:])
+        assert job.state is JobState.REPORTED, (job.state, job.error, log.read_text()[-3000:])
         assert not _maps_torch(serve.pid), "the listener process imported torch"
         assert _maps_torch(child)
     finally:
@@ -284,7 +285,7 @@ def test_embedded_worker_on_cuda(tmp_path: Path, ct_model: tuple[Path, ModelSpec
         job = wait_for(
             lambda: (
                 (j := _job_of(node.sessions, uid)) is not None
-                and j.state is JobState.INFERRED
+                and j.state is JobState.REPORTED
                 and j
             ),
             timeout=240,
@@ -385,7 +386,7 @@ def test_worker_process_on_redis_records_results_and_errors(
             assert "ImagePositionPatient" in (failed.error or ""), failed.error
             broken = _wait_state(node, worker, uids[1], JobState.FAILED, 120)
             assert broken.error, "the corrupt series' job records its error"
-            job = _wait_state(node, worker, uids[2], JobState.INFERRED, 120)
+            job = _wait_state(node, worker, uids[2], JobState.REPORTED, 120)
             assert worker.alive()  # the worker survived both bad series
             _check_result(node.sessions, job, spec, len(good), tmp_path / "data")
             with node.sessions() as s:
@@ -424,10 +425,13 @@ def test_kill_9_mid_job_runs_the_job_again_with_one_result(
                 assert s.get_one(Job, job.id).state is JobState.RUNNING, "killed mid-job"
             # the message comes back once its visibility timeout has passed
             second = Worker(env, tmp_path / "worker-2.log")
-            job = _wait_state(node, second, uid, JobState.INFERRED, 240)
+            job = _wait_state(node, second, uid, JobState.REPORTED, 240)
             assert job.attempts == 2
             states = _states(node.sessions, job.id)
-            assert states.count(JobState.RUNNING) == 2 and states[-1] is JobState.INFERRED
+            assert states.count(JobState.RUNNING) == 2 and states[-2:] == [
+                JobState.INFERRED,
+                JobState.REPORTED,
+            ]
             with node.sessions() as s:
                 assert (
                     s.scalar(
@@ -494,7 +498,7 @@ def test_embedded_mr_study_runs_classifier_and_localizer(tmp_path: Path) -> None
                 job.state,
                 job.error,
             )
-            return job if job is not None and job.state is JobState.INFERRED else None
+            return job if job is not None and job.state is JobState.REPORTED else None
 
         job = wait_for(inferred, timeout=240, interval=0.5)
         assert job.model_version is not None and job.model_version.startswith("mr-set-")

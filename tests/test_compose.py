@@ -352,6 +352,9 @@ def test_node_and_worker_share_the_spool_and_models(monkeypatch: pytest.MonkeyPa
         spool = str(settings.storage.spool_dir)
         assert mounts.get(spool) == ("spool", False), f"{name}: spool not at {spool}"
         assert ("models", True) in mounts.values(), f"{name}: no read-only models volume"
+        for sub in ("results", "outputs"):  # the worker writes, the node's deliveries read
+            target = str(settings.data_dir / sub)
+            assert mounts.get(target) == (sub, False), f"{name}: {sub} not at {target}"
         models_dir = next(t for t, (s, _) in mounts.items() if s == "models")
         for pipeline_name, pipeline in settings.pipelines.items():
             for model in (pipeline.model, pipeline.localizer):

@@ -525,3 +525,99 @@ def test_a_dimse_timeout_is_retried_and_only_the_rest_is_sent(tmp_path: Path) ->
     assert _delivery(sessions, job_id).status is DeliveryStatus.DELIVERED
     sr_uid = results.sop_instance_uids[-1]
     assert sorted(sent) == sorted([*results.sop_instance_uids, sr_uid])  # only the SR again
+
+
+def test_jpeg_ls_captures_go_compressed_where_accepted_and_decompressed_elsewhere(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+
+    results = make_results(tmp_path / "out")
+    original = {}
+    for path in results.files[:-1]:  # the captures
+        ds = dcmread(path)
+        original[str(ds.SOPInstanceUID)] = ds.pixel_array.copy()
+        ds.compress(JPEGLSLossless, generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
+    plain, jls = free_port(), free_port()
+    settings = delivery_settings(
+        tmp_path, destinations=[_dest(plain), {**_dest(jls), "name": "jls"}]
+    )
+    sessions = sessions_for(settings)
+    job_id = seed_job(settings, sessions, results)
+    scheduler = DeliveryScheduler(settings, sessions)
+
+    from pynetdicom import AE as PeerAE
+
+    got: list[object] = []
+    peer = PeerAE(ae_title="DEST")
+    peer.add_supported_context(SC, [JPEGLSLossless, ExplicitVRLittleEndian])
+    peer.add_supported_context(COMPREHENSIVE_SR)
+
+    def on_store(event: object) -> int:
+        got.append(event.dataset)  # type: ignore[attr-defined]
+        got[-1].file_meta = event.file_meta  # type: ignore[attr-defined]
+        return 0
+
+    server = peer.start_server(
+        ("127.0.0.1", jls), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        with storescp(plain, tmp_path / "recv") as out:
+            scheduler.enqueue(job_id)
+            scheduler.run_due()
+            files = received(out)
+    finally:
+        server.shutdown()
+    with sessions() as s:
+        assert {d.status for d in s.scalars(select(Delivery))} == {DeliveryStatus.DELIVERED}
+    stored = [ds for ds in files if ds.SOPClassUID == SC]
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in stored} == {ExplicitVRLittleEndian}
+    for ds in stored:  # lossless: the same pixels
+        assert np.array_equal(ds.pixel_array, original[str(ds.SOPInstanceUID)])
+    compressed = [ds for ds in got if ds.SOPClassUID == SC]  # type: ignore[attr-defined]
+    assert len(compressed) == 2
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in compressed} == {JPEGLSLossless}  # type: ignore[attr-defined]
+
+
+def test_two_senders_never_send_one_delivery_twice(tmp_path: Path, db_url: str) -> None:
+    """The node's loop and `deliveries retry --send` at the same moment: one claims the
+    delivery, the other leaves it (SQLite and PostgreSQL)."""
+    import threading
+
+    from sijnode.errors import AuditError
+
+    port = free_port()
+    settings = delivery_settings(tmp_path, destinations=[_dest(port)], database={"url": db_url})
+    sessions = sessions_for(settings)
+    results = make_results(tmp_path / "out")
+    job_id = seed_job(settings, sessions, results)
+    DeliveryScheduler(settings, sessions).enqueue(job_id)
+    d = _delivery(sessions, job_id)
+    schedulers = [DeliveryScheduler(settings, sessions_for(settings)) for _ in range(2)]
+    outcomes: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def run(scheduler: DeliveryScheduler) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(scheduler.attempt(d.id))
+        except AuditError as exc:  # SQLite: the loser's write may find the row locked
+            outcomes.append(exc)
+
+    def slow(_ds: object) -> int:
+        time.sleep(0.2)
+        return 0
+
+    with pynetdicom_scp(port, [SC, COMPREHENSIVE_SR], status=slow) as got:
+        threads = [threading.Thread(target=run, args=(s,)) for s in schedulers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    sent = sorted(str(ds.SOPInstanceUID) for ds in got)
+    assert sent == sorted(results.sop_instance_uids)  # each object once
+    assert sum(1 for o in outcomes if o is not None and not isinstance(o, Exception)) == 1
+    after = _delivery(sessions, job_id)
+    assert after.status is DeliveryStatus.DELIVERED and after.attempts == 1

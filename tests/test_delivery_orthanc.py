@@ -270,6 +270,7 @@ def test_results_return_to_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
         with transaction(node.sessions) as s:
             job = s.get(Job, jid)
             assert job is not None
+            set_job_state(s, job, JobState.RUNNING)  # no_model → running → inferred
             set_job_state(s, job, JobState.INFERRED)
             record_prediction(s, job, 0.9, True, 0.5, level="subject")
             for path in results.files:
@@ -281,17 +282,13 @@ def test_results_return_to_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
             set_job_state(s, job, JobState.REPORTED)
             enqueue_job(s, settings, job)
         _put_modality(orthanc.base, E2E_COMMITMENT_PORT)  # reports go to the listener
-        scheduler = DeliveryScheduler(settings, node.sessions)
-        scheduler.start()
-        try:
+        node.delivery.wake()  # the node's own delivery loop sends it
 
-            def delivered() -> bool:
-                with node.sessions() as s:
-                    return s.scalars(select(Job.state)).one() is JobState.DELIVERED
+        def delivered() -> bool:
+            with node.sessions() as s:
+                return s.scalars(select(Job.state)).one() is JobState.DELIVERED
 
-            wait_for(delivered, timeout=60)
-        finally:
-            scheduler.stop()
+        wait_for(delivered, timeout=60)
     series = _get(f"{orthanc.base}/studies/{orthanc_study}/series?expand")
     assert isinstance(series, list)
     modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import generate_latest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -52,6 +53,9 @@ def test_ct_study_comes_back_to_storescp(tmp_path: Path) -> None:
         ]
         check_audit(node.sessions, job.id, MAX_EXPLAINED)
         received = _received(out)
+        metrics = generate_latest(node.metrics.registry).decode()
+    assert 'sijnode_delivery_attempts_total{kind="dicom",outcome="delivered"} 1.0' in metrics
+    assert 'sijnode_delivery_seconds_count{kind="dicom"} 1.0' in metrics
     assert len(received) == 1 + MAX_EXPLAINED
     check_received(received, study, MAX_EXPLAINED)
     assert not any(str(uid) in str(p) for p in (tmp_path / "data" / "outputs").rglob("*"))

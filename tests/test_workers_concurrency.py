@@ -101,19 +101,20 @@ def test_four_workers_on_the_same_job_lose_no_update(pg_url: str) -> None:
 
 
 def test_a_redelivered_message_leaves_a_job_past_its_run(pg_url: str) -> None:
-    """acks_late re-delivers a message whose job already inferred: nothing changes."""
+    """acks_late re-delivers a message whose job was already reported: nothing changes.
+    (A job left ``inferred`` is only reported: tests/test_workers_reporting.py.)"""
     upgrade(pg_url)
     (job_id,) = _jobs(pg_url, 1)
     ctx = make_worker_context(load_settings(overrides={"database": {"url": pg_url}}))
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
-        for state in (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED):
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED, JobState.REPORTED):
             transition(s, job, state)
-    assert execute_job(ctx, job_id) is JobState.INFERRED
+    assert execute_job(ctx, job_id) is JobState.REPORTED
     with ctx.sessions() as s:
         job = s.get_one(Job, job_id)
-        assert job.state is JobState.INFERRED and job.attempts == 0
-        assert s.scalar(select(func.count()).select_from(JobTransition)) == 3
+        assert job.state is JobState.REPORTED and job.attempts == 0
+        assert s.scalar(select(func.count()).select_from(JobTransition)) == 4
 
 
 def test_hostname_is_looked_up_when_the_context_is_built(

@@ -34,5 +34,5 @@ def test_celery_acks_late_prefetch_one_and_visibility_timeout() -> None:
     assert conf.task_reject_on_worker_lost is True
     assert conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] == 900
-    queue = CeleryQueue(app, settings.broker.queue)
+    queue = CeleryQueue(app, settings.broker)
     assert queue.queue_for("ct") == "sijnode.ct" and queue.queue_for("x") == "sijnode.jobs"

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import record_event, transaction
@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 DUE_STATES = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING, DeliveryStatus.COMMITTING)
 #: Jobs in these states move to ``delivered`` once every result delivery is delivered.
 _DELIVERABLE_JOB_STATES = (JobState.INFERRED, JobState.REPORTED)
+#: How long one attempt holds its delivery; a sender that dies mid-way frees it then.
+CLAIM_SECONDS = 900
 #: Outputs go SC before SR before KOS: the peer has the referenced objects first.
 _KIND_ORDER = {OutputKind.SC: 0, OutputKind.SR: 1, OutputKind.KOS: 2}
 
@@ -365,7 +367,9 @@ class DeliveryScheduler:
             if delivery is None or delivery.status not in DUE_STATES:
                 return None
             if delivery.status is DeliveryStatus.COMMITTING:
-                self._commitment_timed_out(session, delivery, fixed or utcnow())
+                waited = delivery.next_attempt_at
+                if waited is not None and as_utc(waited) <= (fixed or utcnow()):
+                    self._commitment_timed_out(session, delivery, fixed or utcnow())
                 return None
             planned = self._plan(session, delivery)
             kind = delivery.kind
@@ -374,8 +378,8 @@ class DeliveryScheduler:
                 self._record(session, delivery, planned, when, when)
                 return planned
             plan, target = planned
-            # written before sending, so a report that comes back at once finds its delivery
-            delivery.commitment_transaction_uid = plan.commitment_transaction_uid
+            if not self._claim(session, delivery, plan, fixed or utcnow()):
+                return None  # another scheduler (e.g. `deliveries retry --send`) has it
         started = utcnow()
         t0 = time.perf_counter()
         try:
@@ -398,6 +402,29 @@ class DeliveryScheduler:
                 raise DeliveryError(f"delivery {delivery_id} disappeared while it was sent")
             self._record(session, delivery, result, fixed or utcnow(), started)
         return result
+
+    def _claim(self, session: Session, delivery: Delivery, plan: Plan, now: datetime) -> bool:
+        """Take the delivery for this attempt, atomically: push its next attempt out by
+        :data:`CLAIM_SECONDS` only if nobody changed it since it was read, and write the
+        commitment Transaction UID (before sending, so a report that comes back at once
+        finds its delivery). A sender that dies mid-way leaves it due again after the
+        claim runs out."""
+        read = delivery.next_attempt_at
+        unchanged = (
+            Delivery.next_attempt_at.is_(None)
+            if read is None
+            else (Delivery.next_attempt_at == read)
+        )
+        claimed = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id, Delivery.status == delivery.status, unchanged)
+            .values(
+                next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS),
+                commitment_transaction_uid=plan.commitment_transaction_uid,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(claimed.rowcount == 1)  # type: ignore[attr-defined]
 
     def _plan(self, session: Session, delivery: Delivery) -> tuple[Plan, Target] | AttemptResult:
         job = delivery.job

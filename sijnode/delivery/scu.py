@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -100,6 +102,23 @@ def _not_established(
     return AttemptResult(Outcome.TRANSIENT, error=f"association with {where} aborted or timed out")
 
 
+def _encoded_for(ds: Dataset, assoc: Association) -> Dataset:
+    """``ds`` as is when the peer accepted its transfer syntax for its class; a compressed
+    dataset the peer did not accept (e.g. JPEG-LS) is decompressed to Explicit VR Little
+    Endian, which every proposed context offers."""
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else ""
+    if not ts or ts in _UNCOMPRESSED:
+        return ds
+    sop_class = str(ds.SOPClassUID)
+    for cx in assoc.accepted_contexts:
+        if str(cx.abstract_syntax) == sop_class and ts in [str(t) for t in cx.transfer_syntax]:
+            return ds
+    out = copy.deepcopy(ds)
+    out.decompress(generate_instance_uid=False)  # lossless: the same instance (PS3.5 8.2)
+    return out
+
+
 def send_dicom(
     dest: DestinationSettings,
     calling_ae_title: str,
@@ -149,7 +168,7 @@ def send_dicom(
                 result.error = f"the peer ended the association before {obj.sop_instance_uid}"
                 return result
             try:
-                rsp = assoc.send_c_store(obj.build(sop_class))
+                rsp = assoc.send_c_store(_encoded_for(obj.build(sop_class), assoc))
             except ValueError as exc:  # no accepted context for the dataset's transfer syntax
                 permanent.append(f"{obj.sop_instance_uid}: {exc}")
                 continue

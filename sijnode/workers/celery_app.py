@@ -65,9 +65,12 @@ def serve_metrics(ctx: WorkerContext) -> None:
 
 
 def warm_pipelines(ctx: WorkerContext, pipelines: list[str]) -> None:
-    """Load each pipeline's models into ``ctx`` (once per process)."""
+    """Load each pipeline's models into ``ctx`` (once per process), and the report
+    builders (highdicom, OpenCV), so the first job does not pay for their import."""
     from sijnode.workers.inference import warm
+    from sijnode.workers.reporting import warm_reports
 
+    warm_reports()
     for name in pipelines:
         try:
             identity = ctx.models(name)

@@ -55,6 +55,12 @@ OUTPUTS_SUBDIR = "outputs"
 _KIND_OF_STEM = {"sr": OutputKind.SR, "sc": OutputKind.SC, "ko": OutputKind.KOS}
 
 
+def warm_reports() -> None:
+    """Import the report builders (highdicom, OpenCV) before the first job needs them."""
+    import sijnode.reports.build
+    import sijnode.reports.sc  # noqa: F401 - imported for its side effect: loaded once
+
+
 def outputs_dir(data_dir: Path, job_key: str) -> Path:
     """``<data_dir>/outputs/<job_key>``: where a job's SR, captures and KOS are written."""
     return data_dir / OUTPUTS_SUBDIR / job_key

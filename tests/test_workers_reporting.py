@@ -1,0 +1,224 @@
+"""The report step of the worker, on a real audit (SQLite) and real files: a job left
+``inferred`` (its worker was lost between the steps) is reported from its saved result;
+shadow mode records the deliveries and sends nothing; a missing result or a bad input
+fails the job with the reason and the worker goes on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from sijnode.db.engine import transaction
+from sijnode.db.lifecycle import transition
+from sijnode.db.migrate import upgrade
+from sijnode.db.records import record_prediction
+from sijnode.db.schema import (
+    Delivery,
+    DeliveryStatus,
+    Job,
+    JobState,
+    Output,
+    OutputKind,
+    PredictionDetail,
+    Study,
+)
+from sijnode.settings import Settings, load_settings
+from sijnode.workers.context import make_worker_context
+from sijnode.workers.inference import RESULTS_SUBDIR, save_result_files
+from sijnode.workers.jobs import WorkerContext, execute_job
+from sijnode.workers.reporting import outputs_dir
+from tests.test_reports_inputs import Case, ct_case
+
+
+def _settings(tmp_path: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "database": {"url": f"sqlite:///{tmp_path / 'audit.db'}"},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_mb": 1},
+        "data_dir": str(tmp_path / "data"),
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
+    }
+    base.update(overrides)
+    settings = load_settings(overrides=base)
+    upgrade(settings.database.url)
+    return settings
+
+
+def _inferred_job(ctx: WorkerContext, case: Case, save: bool = True) -> int:
+    """A CT job in ``inferred`` whose inputs are the case's files in the spool."""
+    settings = ctx.settings
+    spool = settings.storage.spool_dir
+    spool.mkdir(parents=True, exist_ok=True)
+    rels = []
+    for path in case.paths:
+        rel = f"s/{path.name}"
+        (spool / "s").mkdir(exist_ok=True)
+        (spool / rel).write_bytes(path.read_bytes())
+        rels.append(rel)
+    result_dir = None
+    if save:
+        written = save_result_files(settings.data_dir, case.job_key, case.result)
+        result_dir = str(written.relative_to(settings.data_dir))
+    with transaction(ctx.sessions) as s:
+        study = Study(study_instance_uid=case.study.study_instance_uid, site="test")
+        s.add(study)
+        s.flush()
+        job = Job(
+            study_id=study.id,
+            job_key=case.job_key,
+            route="ct",
+            pipeline="ct",
+            series_uids=[case.study.series_instance_uid],
+            spool_paths=rels,
+        )
+        s.add(job)
+        s.flush()
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED):
+            transition(s, job, state)
+        prediction = record_prediction(s, job, case.result.probability, True, 0.5)
+        s.add(
+            PredictionDetail(
+                prediction_id=prediction.id,
+                decision=case.result.decision.value,
+                finding=case.result.finding.value,
+                slice_threshold=0.5,
+                device="cpu",
+                precision="fp32",
+                result_dir=result_dir,
+            )
+        )
+        return job.id
+
+
+def test_an_inferred_job_is_reported_from_its_saved_result(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    ctx = make_worker_context(settings)
+    case = ct_case(tmp_path / "src", n_slices=6, n_explained=2)
+    job_id = _inferred_job(ctx, case)
+    assert execute_job(ctx, job_id) is JobState.REPORTED
+    folder = outputs_dir(settings.data_dir, case.job_key)
+    assert sorted(p.name for p in folder.iterdir()) == ["sc-1.dcm", "sc-2.dcm", "sr-1.dcm"]
+    with ctx.sessions() as s:
+        job = s.get_one(Job, job_id)
+        outputs = s.scalars(select(Output).where(Output.job_id == job_id)).all()
+        (delivery,) = s.scalars(select(Delivery).where(Delivery.job_id == job_id))
+        assert delivery.destination == "pacs" and delivery.status is DeliveryStatus.PENDING
+        assert job.attempts in (0, None), "reporting is not another run of the pipeline"
+        assert job.stage_timings["report"] > 0 and "report_sr" in job.stage_timings
+    kinds = sorted(OutputKind(o.kind).value for o in outputs)
+    assert kinds == ["sc", "sc", "sr"]
+    for out in outputs:
+        ds = pydicom.dcmread(settings.data_dir / out.path, stop_before_pixels=True)
+        assert ds.SOPInstanceUID == out.sop_instance_uid
+        assert ds.StudyInstanceUID == case.study.study_instance_uid
+        assert out.path.startswith(f"outputs/{case.job_key}/")
+    # a second message for the same job changes nothing
+    assert execute_job(ctx, job_id) is JobState.REPORTED
+    with ctx.sessions() as s:
+        assert len(s.scalars(select(Output).where(Output.job_id == job_id)).all()) == 3
+
+
+def test_shadow_mode_reports_and_sends_nothing(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, delivery={"shadow_mode": True})
+    ctx = make_worker_context(settings)
+    job_id = _inferred_job(ctx, ct_case(tmp_path / "src", n_slices=4, n_explained=1))
+    assert execute_job(ctx, job_id) is JobState.SHADOW
+    with ctx.sessions() as s:
+        (delivery,) = s.scalars(select(Delivery).where(Delivery.job_id == job_id))
+        assert delivery.status is DeliveryStatus.SHADOW and delivery.attempts == 0
+        (attempt,) = delivery.attempt_log
+        assert attempt.outcome == "shadow"
+        assert len(attempt.sop_instance_uids) == 2  # what would have been sent: SR + 1 SC
+
+
+def test_a_missing_saved_result_fails_the_job_with_the_reason(tmp_path: Path) -> None:
+    ctx = make_worker_context(_settings(tmp_path))
+    job_id = _inferred_job(ctx, ct_case(tmp_path / "src", n_slices=4), save=False)
+    assert execute_job(ctx, job_id) is JobState.FAILED
+    with ctx.sessions() as s:
+        error = s.get_one(Job, job_id).error or ""
+    assert "expected a saved result" in error
+
+
+def test_a_report_error_fails_the_job_and_the_worker_goes_on(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    ctx = make_worker_context(settings)
+    case = ct_case(tmp_path / "src", n_slices=4, n_explained=1)
+    job_id = _inferred_job(ctx, case)
+    with transaction(ctx.sessions) as s:  # the explained slice is not among the inputs
+        job = s.get_one(Job, job_id)
+        explained = case.result.explanations[0].sop_instance_uid
+        keep = [
+            p
+            for p, path in zip(job.spool_paths, case.paths, strict=True)
+            if pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID != explained
+        ]
+        job.spool_paths = keep
+    assert execute_job(ctx, job_id) is JobState.FAILED
+    with ctx.sessions() as s:
+        error = s.get_one(Job, job_id).error or ""
+    assert error.startswith("report: ") and "explained slice" in error
+    assert not (settings.data_dir / RESULTS_SUBDIR / "missing").exists()
+    # the next job is reported as usual
+    other = ct_case(tmp_path / "src2", n_slices=4, subject=3, n_explained=1)
+    assert execute_job(ctx, _inferred_job(ctx, other)) is JobState.REPORTED
+
+
+def test_a_node_that_starts_reports_and_delivers_a_job_left_inferred(tmp_path: Path) -> None:
+    """A worker died between inference and report: at start-up the node's reconciler
+    sends the job again, it is reported from its saved result and delivered."""
+    from tests.conftest import free_port
+    from tests.deliveries import received, storescp
+    from tests.nodes import node_settings, running_node, send, wait_for
+
+    port = free_port()
+    settings = node_settings(
+        tmp_path,
+        data_dir=str(tmp_path / "data"),
+        destinations=[{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": port}],
+        delivery={"check_interval_seconds": 0.2},
+    )
+    case = ct_case(tmp_path / "src", n_slices=4, n_explained=1)
+    with running_node(settings) as node:  # no model: the job waits in no_model
+        assert send(case.study.datasets, node.scp.port) == [0] * 4
+
+        def waiting() -> int | None:
+            with node.sessions() as s:
+                job = s.scalars(select(Job)).first()
+                return job.id if job is not None and job.state is JobState.NO_MODEL else None
+
+        job_id = wait_for(waiting, timeout=60)
+    # what a worker that died after recording its result leaves behind
+    written = save_result_files(settings.data_dir, "left-inferred", case.result)
+    ctx = make_worker_context(settings)
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        transition(s, job, JobState.RUNNING)
+        transition(s, job, JobState.INFERRED)
+        prediction = record_prediction(s, job, case.result.probability, True, 0.5)
+        s.add(
+            PredictionDetail(
+                prediction_id=prediction.id,
+                decision=case.result.decision.value,
+                finding=case.result.finding.value,
+                slice_threshold=0.5,
+                device="cpu",
+                precision="fp32",
+                result_dir=str(written.relative_to(settings.data_dir)),
+            )
+        )
+    with storescp(port, tmp_path / "recv") as out, running_node(settings, migrate=False) as node:
+
+        def delivered() -> bool:
+            with node.sessions() as s:
+                job = s.get_one(Job, job_id)
+                assert job.state is not JobState.FAILED, job.error
+                return job.state is JobState.DELIVERED
+
+        wait_for(delivered, timeout=120, interval=0.2)
+        got = received(out)
+    assert sorted(str(ds.SOPClassUID) for ds in got) == [
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.88.33",
+    ]
