@@ -14,6 +14,21 @@ if TYPE_CHECKING:
     from sijnode.settings import SettingsLoader
 
 _DATA = typer.Option(..., "--data", help="Data set folder with labels.csv and rois.csv.")
+_HELP = {
+    "--quick": "Small inputs, few epochs and folds (minutes on a CPU).",
+    "--device": "cpu, cuda or cuda:N.",
+    "--seed": "Seed of splits, initialisation, batch order and augmentation.",
+    "--pretrained": "Local ImageNet weights (safetensors file or folder); nothing is downloaded.",
+    "--resume": "Continue an interrupted run in the same run directory.",
+    "--quiet": "No progress bars or epoch lines (scripts, CI).",
+    "--epochs": "Epochs per job.",
+    "--size": "Input (MR: ROI patch) size in pixels.",
+    "--batch-size": "Batch size.",
+    "--lr": "Initial learning rate (cosine decay from it).",
+    "--target-sensitivity": "Thresholds reach this validation sensitivity (default: Youden's J).",
+    "--stop-after": "Stop after N epochs in total (tests of --resume).",
+    "--max-subjects": "Use only the first N subjects (smoke runs).",
+}
 _OUT = typer.Option(..., "--out", help="Run directory (new or empty; or the one to --resume).")
 
 
@@ -45,22 +60,33 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars (scripts, CI)."),
         epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs per job."),
-        folds: int | None = typer.Option(None, "--folds", min=2, help="Cross-validation folds."),
+        folds: int | None = typer.Option(
+            None, "--folds", min=1, help="Cross-validation folds (1: holdout split only)."
+        ),
         compare: bool = typer.Option(
             False, "--compare", help="Train all five architectures of Fu et al. 2024."
         ),
         size: int | None = typer.Option(None, "--size", min=32, help="Input size in pixels."),
-        batch_size: int | None = typer.Option(None, "--batch-size", min=2),
+        batch_size: int | None = typer.Option(
+            None, "--batch-size", min=2, help=_HELP["--batch-size"]
+        ),
         lr: float | None = typer.Option(None, "--lr", help="Initial learning rate."),
         whitening: bool = typer.Option(
             True, "--whitening/--no-whitening", help="ZCA whitening fitted on training data."
         ),
         target_sensitivity: float | None = typer.Option(
-            None, "--target-sensitivity", min=0.0, max=1.0,
+            None,
+            "--target-sensitivity",
+            min=0.0,
+            max=1.0,
             help="Thresholds reach this validation sensitivity (default: Youden's J).",
         ),
-        stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
-        max_subjects: int | None = typer.Option(None, "--max-subjects", min=3),
+        stop_after: int | None = typer.Option(
+            None, "--stop-after", hidden=True, help=_HELP["--stop-after"]
+        ),
+        max_subjects: int | None = typer.Option(
+            None, "--max-subjects", min=3, help=_HELP["--max-subjects"]
+        ),
     ) -> None:
         """Train the CT slice classifier (Fu et al. 2024); exports RUN_DIR/model.safetensors."""
         values = {k: v for k, v in locals().items() if k != "options"}
@@ -75,23 +101,31 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         out: Path = _OUT,
         quick: bool = typer.Option(False, "--quick", help="Small patches, few epochs, 2 repeats."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-        seed: int = typer.Option(0, "--seed"),
-        pretrained: Path | None = typer.Option(None, "--pretrained"),
-        resume: bool = typer.Option(False, "--resume"),
-        quiet: bool = typer.Option(False, "--quiet"),
-        epochs: int | None = typer.Option(None, "--epochs", min=1),
-        folds: int | None = typer.Option(None, "--folds", min=1, help="Repeats of the 70/30 split."),
+        seed: int = typer.Option(0, "--seed", help=_HELP["--seed"]),
+        pretrained: Path | None = typer.Option(None, "--pretrained", help=_HELP["--pretrained"]),
+        resume: bool = typer.Option(False, "--resume", help=_HELP["--resume"]),
+        quiet: bool = typer.Option(False, "--quiet", help=_HELP["--quiet"]),
+        epochs: int | None = typer.Option(None, "--epochs", min=1, help=_HELP["--epochs"]),
+        folds: int | None = typer.Option(
+            None, "--folds", min=1, help="Repeats of the 70/30 split."
+        ),
         compare: bool = typer.Option(
             True, "--compare/--no-compare", help="Also train on whole images (Table 2 row 1)."
         ),
         size: int | None = typer.Option(None, "--size", min=32, help="ROI patch size."),
-        batch_size: int | None = typer.Option(None, "--batch-size", min=2),
-        lr: float | None = typer.Option(None, "--lr"),
-        target_sensitivity: float | None = typer.Option(
-            None, "--target-sensitivity", min=0.0, max=1.0
+        batch_size: int | None = typer.Option(
+            None, "--batch-size", min=2, help=_HELP["--batch-size"]
         ),
-        stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
-        max_subjects: int | None = typer.Option(None, "--max-subjects", min=3),
+        lr: float | None = typer.Option(None, "--lr", help=_HELP["--lr"]),
+        target_sensitivity: float | None = typer.Option(
+            None, "--target-sensitivity", min=0.0, max=1.0, help=_HELP["--target-sensitivity"]
+        ),
+        stop_after: int | None = typer.Option(
+            None, "--stop-after", hidden=True, help=_HELP["--stop-after"]
+        ),
+        max_subjects: int | None = typer.Option(
+            None, "--max-subjects", min=3, help=_HELP["--max-subjects"]
+        ),
     ) -> None:
         """Train the MR ROI classifier (Lee et al. 2021); exports RUN_DIR/model.safetensors."""
         values = {k: v for k, v in locals().items() if k != "options"}
@@ -104,17 +138,23 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
     def train_localizer(
         data: Path = _DATA,
         out: Path = _OUT,
-        quick: bool = typer.Option(False, "--quick"),
-        device: str = typer.Option("cpu", "--device"),
-        seed: int = typer.Option(0, "--seed"),
-        resume: bool = typer.Option(False, "--resume"),
-        quiet: bool = typer.Option(False, "--quiet"),
-        epochs: int | None = typer.Option(None, "--epochs", min=1),
-        size: int | None = typer.Option(None, "--size", min=32),
-        batch_size: int | None = typer.Option(None, "--batch-size", min=2),
-        lr: float | None = typer.Option(None, "--lr"),
-        stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
-        max_subjects: int | None = typer.Option(None, "--max-subjects", min=3),
+        quick: bool = typer.Option(False, "--quick", help=_HELP["--quick"]),
+        device: str = typer.Option("cpu", "--device", help=_HELP["--device"]),
+        seed: int = typer.Option(0, "--seed", help=_HELP["--seed"]),
+        resume: bool = typer.Option(False, "--resume", help=_HELP["--resume"]),
+        quiet: bool = typer.Option(False, "--quiet", help=_HELP["--quiet"]),
+        epochs: int | None = typer.Option(None, "--epochs", min=1, help=_HELP["--epochs"]),
+        size: int | None = typer.Option(None, "--size", min=32, help=_HELP["--size"]),
+        batch_size: int | None = typer.Option(
+            None, "--batch-size", min=2, help=_HELP["--batch-size"]
+        ),
+        lr: float | None = typer.Option(None, "--lr", help=_HELP["--lr"]),
+        stop_after: int | None = typer.Option(
+            None, "--stop-after", hidden=True, help=_HELP["--stop-after"]
+        ),
+        max_subjects: int | None = typer.Option(
+            None, "--max-subjects", min=3, help=_HELP["--max-subjects"]
+        ),
     ) -> None:
         """Train the SI-joint localiser the MR pipeline uses; exports RUN_DIR/model.safetensors."""
         values = {k: v for k, v in locals().items() if k != "options"}
@@ -131,7 +171,7 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         localizer: Path | None = typer.Option(
             None, "--localizer", help="MR: localiser checkpoint (default: annotated boxes)."
         ),
-        device: str = typer.Option("cpu", "--device"),
+        device: str = typer.Option("cpu", "--device", help=_HELP["--device"]),
     ) -> None:
         """Score a checkpoint on a labelled data set (the training report's tables and plots)."""
         from sijnode.training.evaluate import evaluate_checkpoint

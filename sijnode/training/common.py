@@ -69,7 +69,9 @@ def load_pretrained(model: nn.Module, path: Path | None, architecture: str) -> d
 
     file = path / f"{architecture}.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise TrainingError(f"--pretrained {path}: expected a safetensors file, found none at {file}")
+        raise TrainingError(
+            f"--pretrained {path}: expected a safetensors file, found none at {file}"
+        )
     try:
         weights = load_file(str(file))
     except (OSError, RuntimeError, ValueError) as exc:
@@ -117,6 +119,7 @@ def classifier_job(
 ) -> Job:
     """A binary classifier job; the best epoch has the highest validation ROC AUC, ties
     broken by the lower validation loss."""
+
     def make(chunk: npt.NDArray[np.int64], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = train_idx[chunk]
         x = torch.from_numpy(make_input(idx, epoch))

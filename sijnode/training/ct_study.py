@@ -17,6 +17,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from sijnode.errors import TrainingError
 from sijnode.models.aggregate import ct_study
 from sijnode.models.checkpoint import save_checkpoint
 from sijnode.models.spec import CTPreprocessing, ModelSpec, OperatingPoints, ct_spec
@@ -38,6 +39,8 @@ from sijnode.training.splits import Split, holdout_split, stratified_group_folds
 from sijnode.training.thresholds import choose_threshold
 
 MAIN_ARCHITECTURE = "resnext50_32x4d"
+#: timm's Inception-v4 stem reduces 64 px inputs below its kernels.
+MIN_INCEPTION_SIZE = 96
 #: Fu et al. 2024's five networks, in Table 1 order.
 COMPARISON = ("vgg16", "resnet101", "densenet121", "inception_v4", "resnext50_32x4d")
 NAMES = {
@@ -85,13 +88,26 @@ def run_ct(opts: TrainOptions) -> Path:
         keep = sorted({s.subject for s in studies})[: opts.max_subjects]
         studies = [s for s in studies if s.subject in keep]
     settings = resolved(opts)
+    if "inception_v4" in settings["architectures"] and settings["size"] < MIN_INCEPTION_SIZE:
+        raise TrainingError(
+            f"--compare: Inception-v4 needs an input of at least {MIN_INCEPTION_SIZE} px, "
+            f"got --size {settings['size']}"
+        )
     device = Device(resolve_training_device(opts.device), opts.quiet, opts.stop_after)
     run = RunDir(Path(opts.out), opts.config(task="ct", **settings), opts.resume)
     run.write_json("data.json", data_hash(Path(opts.data), studies))
     by_subject = subject_labels([s.subject for s in studies], [s.label for s in studies])
     holdout = holdout_split(by_subject, seed=opts.seed)
-    folds = stratified_group_folds(
-        [s.subject for s in studies], [s.label for s in studies], settings["folds"], seed=opts.seed
+    # --folds 1: the holdout split only (no cross-validation).
+    folds = (
+        stratified_group_folds(
+            [s.subject for s in studies],
+            [s.label for s in studies],
+            settings["folds"],
+            seed=opts.seed,
+        )
+        if settings["folds"] > 1
+        else []
     )
     splits = [holdout, *folds]
     run.write_json("splits.json", {s.name: s.as_dict() for s in splits})
@@ -116,7 +132,9 @@ def run_ct(opts: TrainOptions) -> Path:
 
 
 def _spec_for(architecture: str, size: int, prep: CTPreprocessing) -> ModelSpec:
-    return ct_spec(name=f"ct-{architecture}", size=size, architecture=architecture, preprocessing=prep)
+    return ct_spec(
+        name=f"ct-{architecture}", size=size, architecture=architecture, preprocessing=prep
+    )
 
 
 def _train_split(
@@ -135,9 +153,7 @@ def _train_split(
     train_idx = data.of_subjects(split.train)
     val_idx = data.of_subjects(split.validation)
     test_idx = data.of_subjects(split.test)
-    whitening = (
-        fit_whitening(data.images[train_idx], seed=seed) if opts.whitening else None
-    )
+    whitening = fit_whitening(data.images[train_idx], seed=seed) if opts.whitening else None
     prep = base.model_copy(update={"whitening": whitening})
     spec = _spec_for(architecture, size, prep)
     augmenters: dict[int, Any] = {}
@@ -155,8 +171,10 @@ def _train_split(
         return np.stack(out)
 
     def finished(idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        return np.stack([ct_finish(data.images[i], prep) for i in idx]) if len(idx) else np.zeros(
-            (0, prep.channels, size, size), np.float32
+        return (
+            np.stack([ct_finish(data.images[i], prep) for i in idx])
+            if len(idx)
+            else np.zeros((0, prep.channels, size, size), np.float32)
         )
 
     val_inputs = finished(val_idx)
@@ -164,7 +182,9 @@ def _train_split(
     lr = float(settings["lr"])
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight.to(logits.device))
+        return F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=weight.to(logits.device)
+        )
 
     job = classifier_job(
         name,
@@ -273,7 +293,9 @@ def _export(
     )
     training = {
         "protocol": "Fu et al. 2024 (CT), holdout 70:15:15 by subject",
-        "initialisation": f"pretrained {Path(opts.pretrained).name}" if opts.pretrained else "from scratch",
+        "initialisation": f"pretrained {Path(opts.pretrained).name}"
+        if opts.pretrained
+        else "from scratch",
         "epochs": settings["epochs"],
         "best_epoch": record["best_epoch"],
         "input_size": settings["size"],
@@ -320,22 +342,27 @@ def _report(
         label = NAMES[architecture]
         rocs = []
         for name, record in results.items():
-            if record["architecture"] != architecture or record["split"] == "holdout":
+            if record["architecture"] != architecture:
+                continue
+            curves.setdefault(label, []).append(record["history"])
+            if record["split"] == "holdout":
                 continue
             spec = _spec_for(architecture, int(settings["size"]), CTPreprocessing())
             m = _split_metrics(data, record, spec, None)
             per_fold[name] = {k: m[k] for k in ("slices", "studies", "thresholds")}
             table_slices.setdefault(label, []).append(m["slices"])
             table_studies.setdefault(label, []).append(m["studies"])
-            curves.setdefault(label, []).append(record["history"])
             rocs.append((record["split"], record["test"]["labels"], record["test"]["scores"]))
         if rocs:
             png = f"plots/roc_{architecture}.png"
             reporting.roc_png(rocs, run.path / png)
             figures.append((f"ROC per fold, {label} (test slices)", png))
     reporting.write_curves_png(
-        curves, "val_accuracy", run.path / "plots/training_curves.png",
-        "Validation accuracy", "Training curves (Fu et al. 2024 Fig. 4)",
+        curves,
+        "val_accuracy",
+        run.path / "plots/training_curves.png",
+        "Validation accuracy",
+        "Training curves (Fu et al. 2024 Fig. 4)",
     )
     reporting.write_curves_png(
         curves, "train_loss", run.path / "plots/training_loss.png", "Training loss", "Training loss"
@@ -343,11 +370,16 @@ def _report(
     holdout = results[f"{MAIN_ARCHITECTURE}-holdout"]
     hold = _split_metrics(data, holdout, final, None)
     reporting.roc_png(
-        [("holdout test slices", holdout["test"]["labels"], holdout["test"]["scores"]),
-         ("holdout test studies", hold["study_truth"], hold["study_scores"])],
+        [
+            ("holdout test slices", holdout["test"]["labels"], holdout["test"]["scores"]),
+            ("holdout test studies", hold["study_truth"], hold["study_scores"]),
+        ],
         run.path / "plots/roc_holdout.png",
     )
-    run.write_json("results.json", {"folds": per_fold, "holdout": {k: hold[k] for k in ("slices", "studies", "thresholds")}})
+    run.write_json(
+        "results.json",
+        {"folds": per_fold, "holdout": {k: hold[k] for k in ("slices", "studies", "thresholds")}},
+    )
     ops = final.operating_points
     lines = [
         "# CT training report (research use only)",
@@ -357,7 +389,11 @@ def _report(
         "slices); albumentations augmentation; class balance by BCE `pos_weight`; splits by "
         f"subject. {settings['folds']}-fold stratified group cross-validation; "
         f"{settings['epochs']} epochs; input {settings['size']}²; "
-        + ("ImageNet-pretrained initialisation." if run.config.get("pretrained") else "trained from scratch (no pretrained weights).")
+        + (
+            "ImageNet-pretrained initialisation."
+            if run.config.get("pretrained")
+            else "trained from scratch (no pretrained weights)."
+        )
         + " Thresholds per fold: Youden's J on the fold's validation subjects.",
         "",
         "## Table 1 layout: test slices, mean ± sd over folds (%)",
@@ -373,9 +409,14 @@ def _report(
         f"Best epoch {holdout['best_epoch']} on validation; slice threshold "
         f"{ops.slice_threshold:.4f}, study threshold {ops.study_threshold:.4f} ({ops.chosen_by}).",
         "",
-        reporting.fold_table({"test slices": [hold["slices"]], "test studies": [hold["studies"]]}, reporting.TABLE1, "Holdout"),
+        reporting.fold_table(
+            {"test slices": [hold["slices"]], "test studies": [hold["studies"]]},
+            reporting.TABLE1,
+            "Holdout",
+        ),
         "",
-        f"Checkpoint: `model.safetensors` ({final.version}, weights sha256 {final.weights_sha256[:16]}…).",
+        f"Checkpoint: `model.safetensors` ({final.version}, weights sha256 "
+        f"{final.weights_sha256[:16]}…).",
         "",
         "## Figures",
         "",

@@ -195,7 +195,9 @@ def save_state(
     tmp_json.replace(directory / f"{job.name}.json")
 
 
-def _load_state(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def _load_state(
+    directory: Path, name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     from safetensors.torch import load_file
 
     path = directory / f"{name}.json"
@@ -270,8 +272,21 @@ def fit(job: Job, device: Device, state_dir: Path, resume: bool = False) -> JobR
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if not device.quiet:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            tqdm.write(f"{job.name} epoch {epoch}/{job.epochs}: loss={entry['train_loss']:.4f} {shown}")
-        save_state(state_dir, job, epoch, model, best, optimizer, scheduler, history, best_epoch, best_score)
+            tqdm.write(
+                f"{job.name} epoch {epoch}/{job.epochs}: loss={entry['train_loss']:.4f} {shown}"
+            )
+        save_state(
+            state_dir,
+            job,
+            epoch,
+            model,
+            best,
+            optimizer,
+            scheduler,
+            history,
+            best_epoch,
+            best_score,
+        )
         device.epochs_run += 1
     model.load_state_dict(best)
     model.eval()

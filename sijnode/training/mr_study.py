@@ -22,7 +22,13 @@ from sijnode.models.checkpoint import read_spec, save_checkpoint
 from sijnode.models.spec import ModelSpec, MRPreprocessing, NoiseStep, OperatingPoints, mr_spec
 from sijnode.training import reporting
 from sijnode.training.augment import mr_augmentation
-from sijnode.training.common import TrainOptions, classifier_job, job_seed, predict_proba, spec_model
+from sijnode.training.common import (
+    TrainOptions,
+    classifier_job,
+    job_seed,
+    predict_proba,
+    spec_model,
+)
 from sijnode.training.data import load_dataset
 from sijnode.training.engine import Device, cleanup_state, fit, resolve_training_device
 from sijnode.training.losses import focal_loss
@@ -109,7 +115,9 @@ def _train(
             augmenters[epoch] = mr_augmentation(seed=seed * 1009 + epoch)
         aug = augmenters[epoch]
         out = [
-            np.ascontiguousarray(aug(image=inputs[i].transpose(1, 2, 0))["image"].transpose(2, 0, 1))
+            np.ascontiguousarray(
+                aug(image=inputs[i].transpose(1, 2, 0))["image"].transpose(2, 0, 1)
+            )
             for i in idx
         ]
         return np.stack(out).astype(np.float32)
@@ -168,14 +176,24 @@ def _predictions(
 
 
 def subjects_of(
-    part: dict[str, list[Any]], data: MRSlices, slice_threshold: float, subject_threshold: float,
+    part: dict[str, list[Any]],
+    data: MRSlices,
+    slice_threshold: float,
+    subject_threshold: float,
     median_size: int = 3,
 ) -> dict[str, Any]:
     """Per study (slices in series order): ``mr_subject`` and the filtered slice decisions."""
     study = np.asarray(part["study"])
     scores = np.asarray(part["scores"], dtype=np.float64)
     labels = np.asarray(part["labels"])
-    out: dict[str, Any] = {"truth": [], "result": [], "probability": [], "filtered": [], "slice_labels": [], "slice_scores": []}
+    out: dict[str, Any] = {
+        "truth": [],
+        "result": [],
+        "probability": [],
+        "filtered": [],
+        "slice_labels": [],
+        "slice_scores": [],
+    }
     for k in sorted(set(study.tolist())):
         mask = study == k  # slices of one study are stored in series order
         agg = mr_subject(scores[mask], slice_threshold, subject_threshold, median_size)
@@ -216,7 +234,11 @@ def _fold_metrics(data: MRSlices, record: dict[str, Any], target: float | None) 
 
 
 def _export(
-    run: RunDir, opts: TrainOptions, settings: dict[str, Any], data: MRSlices, record: dict[str, Any]
+    run: RunDir,
+    opts: TrainOptions,
+    settings: dict[str, Any],
+    data: MRSlices,
+    record: dict[str, Any],
 ) -> Path:
     from safetensors.torch import load_file
 
@@ -233,7 +255,9 @@ def _export(
     )
     training = {
         "protocol": "Lee et al. 2021 (MR), 70/30 by subject, validation held out",
-        "initialisation": f"pretrained {Path(opts.pretrained).name}" if opts.pretrained else "from scratch",
+        "initialisation": f"pretrained {Path(opts.pretrained).name}"
+        if opts.pretrained
+        else "from scratch",
         "split": record["split"],
         "epochs": settings["epochs"],
         "best_epoch": record["best_epoch"],
@@ -295,8 +319,16 @@ def _report(
         for kind in ("roi", "whole")
     }
     curves = {k: v for k, v in curves.items() if v}
-    reporting.write_curves_png(curves, "val_accuracy", run.path / "plots/training_curves.png", "Validation accuracy", "MR training curves")
-    reporting.write_curves_png(curves, "train_loss", run.path / "plots/training_loss.png", "Focal loss", "MR training loss")
+    reporting.write_curves_png(
+        curves,
+        "val_accuracy",
+        run.path / "plots/training_curves.png",
+        "Validation accuracy",
+        "MR training curves",
+    )
+    reporting.write_curves_png(
+        curves, "train_loss", run.path / "plots/training_loss.png", "Focal loss", "MR training loss"
+    )
     ops = final.operating_points
     lines = [
         "# MR training report (research use only)",
@@ -304,11 +336,15 @@ def _report(
         "Protocol: Lee et al. 2021 (PROTOCOLS.md B). ROI patches from the annotated iliac boxes "
         "by the node's rule (0.8 × width shift, heights matched, joined, resized) after the "
         "seeded noise step; ResNet18 with a one-hidden-layer head; focal loss; batch "
-        f"{settings['batch_size']}; SGD with cosine decay from {settings['lr']}; horizontal flip and "
-        f"rotation only; {settings['folds']} repeats of a 70/30 subject split with 30 % of the "
-        f"training subjects held out for validation; {settings['epochs']} epochs; patch "
+        f"{settings['batch_size']}; SGD with cosine decay from {settings['lr']}; horizontal "
+        f"flip and rotation only; {settings['folds']} repeats of a 70/30 subject split with "
+        "30 % of the training subjects held out for validation; {settings['epochs']} epochs; patch "
         f"{settings['size']}²; "
-        + ("ImageNet-pretrained initialisation." if run.config.get("pretrained") else "trained from scratch (no pretrained weights).")
+        + (
+            "ImageNet-pretrained initialisation."
+            if run.config.get("pretrained")
+            else "trained from scratch (no pretrained weights)."
+        )
         + " Thresholds per repeat: Youden's J on its validation subjects.",
         "",
         "## Table 2 layout: slices, mean ± sd over repeats (%)",

@@ -79,7 +79,9 @@ class RunDir:
         config_path = path / "config.json"
         if resume:
             if not config_path.is_file():
-                raise TrainingError(f"--resume: {path} has no config.json: expected a run directory")
+                raise TrainingError(
+                    f"--resume: {path} has no config.json: expected a run directory"
+                )
             old = json.loads(config_path.read_text())
             diff = sorted(
                 k

@@ -169,9 +169,7 @@ def ct_slices(
 # -- MR -----------------------------------------------------------------------------------
 
 
-def annotated_iliac_boxes(
-    study: StudyRecord, series: Series
-) -> list[tuple[Box, Box] | None]:
+def annotated_iliac_boxes(study: StudyRecord, series: Series) -> list[tuple[Box, Box] | None]:
     """The annotated iliac boxes per slice in series order: (image-left, image-right)."""
     by_uid = {s.sop_instance_uid: s.rois for s in study.slices}
     out: list[tuple[Box, Box] | None] = []
@@ -333,20 +331,27 @@ def localizer_slices(
 def joint_region(iliac: Box, roi: Box) -> Box:
     """The annotated joint: the part of the iliac box the annotated ROI keeps (it holds the
     joint surface, on the sacral side of the ilium)."""
-    return Box(max(iliac.x0, roi.x0), max(iliac.y0, roi.y0), min(iliac.x1, roi.x1), min(iliac.y1, roi.y1))
+    return Box(
+        max(iliac.x0, roi.x0), max(iliac.y0, roi.y0), min(iliac.x1, roi.x1), min(iliac.y1, roi.y1)
+    )
 
 
 def covered_fraction(region: Box, by: Box) -> float:
     """Share of ``region``'s area inside ``by``."""
     if region.area == 0:
         return 0.0
-    inter = Box(max(region.x0, by.x0), max(region.y0, by.y0), min(region.x1, by.x1), min(region.y1, by.y1))
+    inter = Box(
+        max(region.x0, by.x0), max(region.y0, by.y0), min(region.x1, by.x1), min(region.y1, by.y1)
+    )
     inside = inter.area if inter.width > 0 and inter.height > 0 else 0
     return inside / region.area
 
 
 def roi_contains_joint(
-    annotated: tuple[Box, Box], predicted: RoiBoxes | None, shape: tuple[int, int], shift: float,
+    annotated: tuple[Box, Box],
+    predicted: RoiBoxes | None,
+    shape: tuple[int, int],
+    shift: float,
     fraction: float = 0.9,
 ) -> bool:
     """Whether the ROI from predicted boxes covers ``fraction`` of both annotated joints."""

@@ -12,6 +12,7 @@ the subject label).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,11 @@ def _stratified_subjects(
     names: list[str], y: list[int], size: float, seed: int
 ) -> tuple[list[str], list[str]]:
     counts = np.bincount(np.asarray(y, dtype=int), minlength=2)
-    stratify = y if counts.min() >= 2 else None
+    n_second = math.ceil(size * len(names))  # scikit-learn rounds the test share up
+    classes = int((counts > 0).sum())
+    # Stratify where scikit-learn can: two of each class, and room for each on both sides.
+    feasible = counts.min() >= 2 and min(n_second, len(names) - n_second) >= classes
+    stratify = y if feasible else None
     first, second = train_test_split(names, test_size=size, random_state=seed, stratify=stratify)
     return sorted(first), sorted(second)
 
