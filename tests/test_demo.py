@@ -68,8 +68,9 @@ def test_demo_closes_the_loop_with_orthanc(
     for number in range(1, 5):
         assert f"study {number}: " in printed
     assert printed.count("delivered (committed)") == 4, printed
-    assert printed.count("in Orthanc Explorer") == 4
-    assert "/app/explorer.html#study?uuid=" in printed
+    assert printed.count("in Orthanc Explorer: http://127.0.0.1:") == 4
+    assert printed.count("/app/explorer.html#study?uuid=") == 4
+    assert printed.count("SR and captures: ") == 4
     for row in ("decision", "probability", "thresholds", "synthetic truth"):
         assert printed.count(row) >= 4, row
     assert printed.count("last instance → delivered") == 4

@@ -400,7 +400,9 @@ def overview(
                 )
                 continue
             axes[r][2 * i + 1].imshow(cam)
-            axes[r][2 * i + 1].set_title("Grad-CAM capture", fontsize=8)
+            flat = cam.ndim == 3 and bool(np.all(np.abs(cam[..., 0].astype(int) - cam[..., 1]) < 8))
+            label = "Grad-CAM capture" + ("\n(flat map: no heat)" if flat else "")
+            axes[r][2 * i + 1].set_title(label, fontsize=8)
         axes[r][0].text(
             0, 1.18, title, transform=axes[r][0].transAxes, fontsize=9, fontweight="bold"
         )
