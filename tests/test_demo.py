@@ -83,6 +83,32 @@ def test_demo_closes_the_loop_with_orthanc(
     assert elapsed < 240, f"the reduced demo took {elapsed:.0f} s"
 
 
+@pytest.mark.slow
+def test_demo_with_storescp_when_orthanc_is_not_installed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Orthanc the PACS is DCMTK: storescu sends, storescp receives the results."""
+    require_tool("storescp")
+    real_which = shutil.which
+    monkeypatch.setattr(
+        "sijnode.demo.pacs.shutil.which",
+        lambda name: None if name == "Orthanc" else real_which(name),
+    )
+    models = _tiny_checkpoints(tmp_path / "models")
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--checkpoints", str(models), "--held-out", "1"]
+    rc = main([*args, "--timeout", "150"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "storescp" in printed and "in Orthanc Explorer" not in printed
+    assert printed.count("stage reached             │ delivered") == 2, printed
+    received = list((out / "run" / "pacs" / "received").rglob("*"))
+    kinds = [p.name.split(".")[0] for p in received if p.is_file()]  # storescp: SRc.UID, SC.UID
+    assert sum(k.startswith("SR") for k in kinds) == 2, kinds
+    assert kinds.count("SC") >= 2, kinds
+    assert not _running_with(str(tmp_path))
+
+
 def test_training_cache_is_keyed_by_version_and_options(tmp_path: Path) -> None:
     plan = TrainingPlan()
     assert plan.key() == TrainingPlan().key()

@@ -232,6 +232,8 @@ def report(
         if url is not None:
             table.add_row("in Orthanc Explorer", "the link below")
             places.append(f"  in Orthanc Explorer: {url}")
+        if pacs.kind == "storescp":
+            places.append(f"  received by storescp in: {pacs.folder}")
         if res.job_key:
             table.add_row("SR and captures", "the folder below")
             places.append(f"  SR and captures: {data_dir / 'outputs' / res.job_key}")
