@@ -382,7 +382,7 @@ def overview(
         return None
     columns = max(2, 2 * max(len(p) for _, p in rows))
     fig, axes = plt.subplots(
-        len(rows), columns, figsize=(2.2 * columns, 2.6 * len(rows)), squeeze=False
+        len(rows), columns, figsize=(2.2 * columns, 2.8 * len(rows)), squeeze=False
     )
     for r, (title, pairs) in enumerate(rows):
         for c in range(columns):
@@ -406,10 +406,10 @@ def overview(
             label = "Grad-CAM capture" + ("\n(flat map: no heat)" if flat else "")
             axes[r][2 * i + 1].set_title(label, fontsize=8)
         axes[r][0].text(
-            0, 1.18, title, transform=axes[r][0].transAxes, fontsize=9, fontweight="bold"
+            0, 1.3, title, transform=axes[r][0].transAxes, fontsize=9, fontweight="bold"
         )
     fig.suptitle("sijnode demo: synthetic studies, research use only", fontsize=10)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, hspace=0.45, wspace=0.05)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, hspace=0.6, wspace=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
