@@ -109,6 +109,22 @@ def test_demo_with_storescp_when_orthanc_is_not_installed(
     assert not _running_with(str(tmp_path))
 
 
+@pytest.mark.slow
+def test_demo_says_which_stage_was_not_reached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Results that do not come back in time: the demo names the stage, stops, exits 1."""
+    require_tool("Orthanc")
+    models = _tiny_checkpoints(tmp_path / "models")
+    args = ["--out", str(tmp_path / "demo"), "--checkpoints", str(models), "--held-out", "1"]
+    rc = main([*args, "--timeout", "0"])
+    printed = capsys.readouterr().out
+    assert rc == 1, printed
+    assert printed.count("not reached") == 2, printed
+    assert "(stopped at" in printed or "(the node has no such study)" in printed
+    assert not _running_with(str(tmp_path))
+
+
 def test_training_cache_is_keyed_by_version_and_options(tmp_path: Path) -> None:
     plan = TrainingPlan()
     assert plan.key() == TrainingPlan().key()
