@@ -153,7 +153,7 @@ def report_job(ctx: WorkerContext, job_id: int, result: PipelineResult | None = 
         bundle = build_outputs(result, sources, job_key, settings, predecessor=predecessor)
         built = time.perf_counter()
         paths = bundle.write(target)  # atomic renames; a re-run writes the same objects
-    except (SijnodeError, OSError, ValueError) as exc:
+    except Exception as exc:  # ReportError or any builder bug fails the job, not the worker
         log.exception("report outputs could not be built", extra=fields(job_id=job_id))
         return _fail(ctx, job_id, pipeline, f"report: {type(exc).__name__}: {exc}")
     written = time.perf_counter()
