@@ -30,22 +30,28 @@ def _train(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("learn")
-    train, test = root / "train", root / "test"
     # Different seeds: the held-out subjects have their own anatomy and lesions.
     write_dataset(
-        train, generate_dataset(seed=21, n_subjects=16, positive_fraction=0.5, n_slices=8)
+        root / "train", generate_dataset(seed=21, n_subjects=16, positive_fraction=0.5, n_slices=8)
     )
-    write_dataset(test, generate_dataset(seed=97, n_subjects=8, positive_fraction=0.5, n_slices=8))
-    return train, test
+    write_dataset(
+        root / "test", generate_dataset(seed=97, n_subjects=8, positive_fraction=0.5, n_slices=8)
+    )
+    # CT: more subjects with fewer slices each (the network overfits 11 subjects).
+    write_dataset(
+        root / "ct-train",
+        generate_dataset(seed=21, n_subjects=32, positive_fraction=0.5, modality="ct", n_slices=4),
+    )
+    return {"train": root / "train", "test": root / "test", "ct-train": root / "ct-train"}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Path) -> None:
-    train, test = data
+def test_mr_localiser_and_classifier_learn(data: dict[str, Path], tmp_path: Path) -> None:
+    train, test = data["train"], data["test"]
     _train("localizer", "--data", str(train), "--out", str(tmp_path / "loc"))
     _train(
         "mr",
@@ -57,9 +63,11 @@ def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Pa
         "1",
         "--no-compare",
         "--epochs",
-        "12",
+        "8",
         "--size",
         "48",
+        "--optimizer",
+        "adam",
     )
     loc = verify_checkpoint(tmp_path / "loc/model.safetensors", "si_joint_localizer")
     mr = verify_checkpoint(tmp_path / "mr/model.safetensors", "mr_roi_classifier")
@@ -78,8 +86,8 @@ def test_mr_localiser_and_classifier_learn(data: tuple[Path, Path], tmp_path: Pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_ct_classifier_learns(data: tuple[Path, Path], tmp_path: Path) -> None:
-    train, test = data
+def test_ct_classifier_learns(data: dict[str, Path], tmp_path: Path) -> None:
+    train, test = data["ct-train"], data["test"]
     _train(
         "ct",
         "--data",

@@ -43,6 +43,7 @@ class TrainOptions:
     target_sensitivity: float | None = None
     stop_after: int | None = None
     max_subjects: int | None = None
+    optimizer: str | None = None
 
     def config(self, **resolved: Any) -> dict[str, Any]:
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -45,8 +45,8 @@ def resolved(opts: TrainOptions) -> dict[str, Any]:
         "epochs": opts.epochs or (4 if quick else 50),
         "folds": opts.folds or (2 if quick else 5),
         "batch_size": opts.batch_size or 32,
-        "lr": opts.lr or 0.03,
-        "optimizer": "SGD momentum 0.9, cosine decay per step from lr",
+        "lr": opts.lr or (0.03 if (opts.optimizer or "sgd") == "sgd" else 1e-3),
+        "optimizer": opts.optimizer or "sgd",
         "loss": "focal loss gamma 2, alpha = share of negative training slices",
         "noise_step": True,
         "whole_image": bool(opts.compare),
@@ -131,7 +131,11 @@ def _train(
         int(settings["epochs"]),
         int(settings["batch_size"]),
         spec_model(spec, opts.pretrained),
-        lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4),
+        lambda m: (
+            torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+            if settings["optimizer"] == "sgd"
+            else torch.optim.Adam(m.parameters(), lr=lr)
+        ),
         lambda logits, y: focal_loss(logits, y, gamma=2.0, alpha=alpha),
         train_idx,
         data.labels,
@@ -336,7 +340,8 @@ def _report(
         "Protocol: Lee et al. 2021 (PROTOCOLS.md B). ROI patches from the annotated iliac boxes "
         "by the node's rule (0.8 × width shift, heights matched, joined, resized) after the "
         "seeded noise step; ResNet18 with a one-hidden-layer head; focal loss; batch "
-        f"{settings['batch_size']}; SGD with cosine decay from {settings['lr']}; horizontal "
+        f"{settings['batch_size']}; {settings['optimizer']} with cosine decay from "
+        f"{settings['lr']}; horizontal "
         f"flip and rotation only; {settings['folds']} repeats of a 70/30 subject split with "
         "30 % of the training subjects held out for validation; {settings['epochs']} epochs; patch "
         f"{settings['size']}²; "
