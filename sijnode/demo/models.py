@@ -25,19 +25,31 @@ TRAINED = (("ct", "ct", "ct"), ("mr", "mr", "mr"), ("localizer", "localizer", "m
 class TrainingPlan:
     """What the demo trains: data set sizes and the quick training options."""
 
-    ct_subjects: int = 14
-    ct_slices: int = 8
-    mr_subjects: int = 12
+    #: The sizes and options the training tools' learning tests measured to learn on
+    #: synthetic studies (tests/test_training_learning.py), in minutes on a CPU.
+    ct_subjects: int = 32
+    ct_slices: int = 4
+    mr_subjects: int = 16
     #: MR slices per study: a stack centred on the joints, where every slice shows both
     #: ilia (the training tools need both ROI boxes on every slice).
-    mr_slices: int = 16
+    mr_slices: int = 8
     seed: int = 7
     #: Extra options per training command (``sijnode train NAME --quick ...``).
     options: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {
-            "ct": ("--size", "64", "--epochs", "2", "--folds", "2"),
-            "mr": ("--size", "64", "--epochs", "2", "--folds", "1", "--no-compare"),
-            "localizer": ("--size", "64", "--epochs", "4"),
+            "ct": ("--size", "64", "--epochs", "8", "--folds", "1"),
+            "mr": (
+                "--size",
+                "48",
+                "--epochs",
+                "8",
+                "--folds",
+                "1",
+                "--no-compare",
+                "--optimizer",
+                "adam",
+            ),
+            "localizer": (),
         }
     )
 
