@@ -396,7 +396,7 @@ def overview(
                 axes[r][2 * i + 1].text(
                     0.05,
                     0.5,
-                    "no slice explained\n(none above the\nGrad-CAM threshold)",
+                    "no Grad-CAM capture\nfor this study",
                     fontsize=8,
                     transform=axes[r][2 * i + 1].transAxes,
                 )
