@@ -99,7 +99,7 @@ def test_ct_classifier_learns(data: dict[str, Path], tmp_path: Path) -> None:
         "--epochs",
         "8",
         "--size",
-        "64",
+        "96",
     )
     spec = verify_checkpoint(tmp_path / "ct/model.safetensors", "ct_slice_classifier")
     assert spec.preprocessing.whitening is not None  # type: ignore[union-attr]
