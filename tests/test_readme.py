@@ -159,3 +159,31 @@ def test_readme_console_blocks_run(
                 )
             ran += 1
     assert ran >= 3, f"only {ran} README commands ran"
+
+
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+def test_relative_links_of_readme_and_docs_resolve() -> None:
+    """Every relative link in README.md and docs/*.md names a file of the repository (and,
+    with ``#anchor``, a heading of that file)."""
+    broken = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in LINK.finditer(page.read_text()):
+            target = match.group("target")
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+                continue
+            if anchor and file.suffix == ".md":
+                headings = {
+                    re.sub(r"[^\w\- ]", "", h.strip("# ").lower()).replace(" ", "-")
+                    for h in file.read_text().splitlines()
+                    if h.startswith("#")
+                }
+                if anchor not in headings:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)

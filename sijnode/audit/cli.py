@@ -73,6 +73,30 @@ def _echo_rows(rows: list[dict[str, Any]], fmt: Format, columns: tuple[str, ...]
     typer.echo(render(rows, fmt.value, columns if fmt is Format.table else None))
 
 
+def _follow_rows(looks: Iterator[list[dict[str, Any]]], fmt: Format) -> None:
+    """Print timeline entries as they come: aligned lines, JSON lines or CSV rows."""
+    import json
+
+    from sijnode.audit.queries import TIMELINE_COLUMNS
+    from sijnode.audit.render import render
+
+    first = True
+    for new in looks:
+        for entry in sorted(new, key=lambda e: e["at"]):
+            if fmt is Format.json:
+                typer.echo(json.dumps(entry, default=str))
+            elif fmt is Format.csv:
+                text = render([entry], "csv", TIMELINE_COLUMNS).rstrip("\n").splitlines()
+                typer.echo("\n".join(text if first else text[1:]))
+            else:
+                job = "-" if entry["job_id"] is None else str(entry["job_id"])
+                typer.echo(
+                    f"{entry['at']:%H:%M:%S}  {entry['elapsed_s']:>8.3f} s  "
+                    f"{entry['stage']:<16} {job:>4}  {entry['detail']}"
+                )
+            first = False
+
+
 class AuditCommands:
     """The ``sijnode audit`` commands, on the settings that the root passes in."""
 
@@ -117,17 +141,68 @@ class AuditCommands:
     def timeline(
         self,
         study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+        follow: Annotated[
+            bool,
+            typer.Option(
+                "--follow", help="Print each stage as it happens, until --until is reached."
+            ),
+        ] = False,
+        wait: Annotated[
+            bool,
+            typer.Option("--wait", help="Wait until --until is reached, then print the timeline."),
+        ] = False,
+        until: Annotated[
+            str,
+            typer.Option(
+                help=(
+                    "Stage that ends --follow/--wait: complete, dispatched, inferred, "
+                    "reported, delivered, ... or done (left receiving, no job on its way)."
+                )
+            ),
+        ] = "done",
+        timeout: Annotated[
+            float, typer.Option(min=0, help="Seconds to wait at most (--follow/--wait); exit 1.")
+        ] = 300.0,
         fmt: FormatOpt = Format.table,
     ) -> None:
         """One study's timeline: received, complete, dispatched, inferred, reported, delivered.
 
         Every event in between is listed too, with its time and seconds since receipt.
+        Right after a send the study is ``receiving``; completion takes a few seconds (the
+        content rule and its quiet time): ``--follow`` or ``--wait`` waits for it.
         """
         from sijnode.audit.queries import TIMELINE_COLUMNS, study_timeline
 
-        with self._session() as session:
-            rows = study_timeline(session, study_uid)
-        _echo_rows(rows, fmt, TIMELINE_COLUMNS)
+        if not (follow or wait):
+            with self._session() as session:
+                rows = study_timeline(session, study_uid)
+            _echo_rows(rows, fmt, TIMELINE_COLUMNS)
+            return
+        from sijnode.audit.follow import follow as follow_timeline
+
+        with self._sessions() as sessions:
+            looks = follow_timeline(sessions, study_uid, until=until, timeout=timeout)
+            if wait and not follow:
+                rows = [entry for new in looks for entry in new]
+                rows.sort(key=lambda e: e["at"])
+                _echo_rows(rows, fmt, TIMELINE_COLUMNS)
+                return
+            _follow_rows(looks, fmt)
+
+    @contextmanager
+    def _sessions(self) -> Iterator[Any]:
+        """A factory of short transactions on the audit (one per look), after the check."""
+        from sijnode.db.engine import make_engine, make_sessionmaker, transaction
+        from sijnode.db.migrate import check_schema_current
+
+        settings = self._settings()
+        engine = make_engine(settings.database.url, echo=settings.database.echo)
+        try:
+            check_schema_current(engine)
+            maker = make_sessionmaker(engine)
+            yield lambda: transaction(maker)
+        finally:
+            engine.dispose()
 
     @filter_options()
     def export(
