@@ -15,16 +15,39 @@ acknowledged is ever lost because the steps run in this order:
 
 Only when both 4 and 5 are done does the caller answer Success. On any failure before
 that the transaction rolls back, the file is removed and the caller answers a failure.
+
+**The hot path commits early.** A new instance of a known, receiving series (all but the
+first instance of a series, :attr:`IngestResult.fresh`) writes one row and nothing else,
+so its transaction commits *while* the file's fsync runs (2 beside 1), and the file is
+placed and its directory synced after: the two flushes that durability needs overlap
+instead of following each other, and the writer's turn no longer waits for the file's
+fsync (issue 15, docs/benchmarks.md). Until the file is in place the row is *unplaced*:
+
+- the study is not judged complete (:meth:`Ingestor.writer_turn`), so no job reads
+  a file that is not there yet;
+- if the seal, place or sync fails, the row is deleted again (the instance was never
+  acknowledged) and the caller answers a failure; if even that delete fails (the audit
+  went down at that moment), the study stays held back and the delete is retried
+  (:meth:`Ingestor.retry_unrecord`);
+- after a crash in that window the row's file is missing in a study still receiving,
+  which the start-up recovery removes as never acknowledged (:meth:`Node.recover`);
+- an identical copy arriving meanwhile on another association waits for the first one's
+  outcome instead of placing the same file a second time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
@@ -39,14 +62,24 @@ from sijnode.db.instances import (
     NeedHeader,
     PendingRows,
 )
-from sijnode.db.schema import utcnow
-from sijnode.errors import InvalidInstanceError, SijnodeError
+from sijnode.db.schema import Instance, utcnow
+from sijnode.errors import InvalidInstanceError, SijnodeError, SpoolError
 from sijnode.logs import fields
 from sijnode.settings import DatabaseSettings
 
 __all__ = ["IngestOutcome", "IngestResult", "Ingestor"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Unplaced:
+    """A committed row whose file is not in place yet (the hot path, module docstring)."""
+
+    study_id: int
+    instance_id: int
+    done: threading.Event = field(default_factory=threading.Event)
+    placed: bool = False
 
 
 class Ingestor:
@@ -69,6 +102,12 @@ class Ingestor:
         self._lock = threading.Lock()
         # Helpers hash and flush fragments while they arrive, and fsync the finished file.
         self._helpers = ThreadPoolExecutor(workers, thread_name_prefix="sijnode-stage")
+        # Committed rows whose files are not placed yet, by spool path, and their studies
+        # (changed under ``_lock``; read by the completion loop).
+        self._unplaced: dict[str, _Unplaced] = {}
+        self._held_studies: Counter[int] = Counter()
+        # Rows of failed instances whose delete failed too: retried by retry_unrecord().
+        self._unrecord_owed: list[_Unplaced] = []
 
     def staged_file(self) -> StagedFile:
         """A new file in the spool's temporary directory for a data set about to arrive."""
@@ -95,6 +134,8 @@ class Ingestor:
         with a failure status.
         """
         published: str | None = None
+        early: _Unplaced | None = None  # the hot path: committed before the file is placed
+        wait_for: _Unplaced | None = None  # an identical copy being placed by another
         staged.start_seal()  # 1. seal: the final fsync runs in a helper meanwhile
         try:
             header = self._read(staged)
@@ -116,20 +157,36 @@ class Ingestor:
                         result = self._record(
                             session, pending, header, staged, association_id, calling_ae_title, now
                         )
-                    staged.seal()  # SpoolError: the transaction rolls back
                     relpath = result.relpath
-                    # A duplicate whose file is gone (removed, or a removal interrupted by a
-                    # crash) is placed again: the same bytes under the same name.
-                    if self.spool.path(relpath).exists():
+                    if result.fresh and staged.error is None:
+                        # 5. commit beside 1. seal; 3. place and 4. sync follow below
+                        early = _Unplaced(result.study_id, result.instance_id)
+                        self._hold(relpath, early)
+                        try:
+                            session.commit()
+                        except BaseException:
+                            self._release(relpath, early, placed=False)
+                            early = None
+                            raise
+                    elif relpath in self._unplaced:
+                        # the same bytes, committed and being placed by another association
+                        wait_for = self._unplaced[relpath]
                         staged.discard()
                         session.commit()
                     else:
-                        staged.close()
-                        directory = self.spool.place(staged.path, relpath)  # 3. place
-                        published = relpath
-                        # 4. sync while 5. commit: Success needs both
-                        synced = self._helpers.submit(self.spool.sync_directory, directory)
-                        session.commit()
+                        staged.seal()  # SpoolError: the transaction rolls back
+                        # A duplicate whose file is gone (removed, or a removal interrupted
+                        # by a crash) is placed again: the same bytes under the same name.
+                        if self.spool.path(relpath).exists():
+                            staged.discard()
+                            session.commit()
+                        else:
+                            staged.close()
+                            directory = self.spool.place(staged.path, relpath)  # 3. place
+                            published = relpath
+                            # 4. sync while 5. commit: Success needs both
+                            synced = self._helpers.submit(self.spool.sync_directory, directory)
+                            session.commit()
                     self.rows.remember(pending)
             finally:
                 # The writer's turn ends with the commit; the directory fsync is waited
@@ -137,9 +194,19 @@ class Ingestor:
                 self._lock.release()
                 if synced is not None:
                     synced.result()
+            if early is not None:
+                self._place_early(staged, relpath, early)
+            elif wait_for is not None:
+                wait_for.done.wait()
+                if not wait_for.placed:
+                    raise SpoolError(
+                        "an identical copy of this instance, received at the same time on "
+                        "another association, could not be stored; send it again"
+                    )
         except BaseException:
             staged.discard()
-            self._discard_published(published)
+            if early is None:
+                self._discard_published(published)
             raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -154,6 +221,84 @@ class Ingestor:
                 ),
             )
         return result
+
+    def _hold(self, relpath: str, unplaced: _Unplaced) -> None:
+        """Mark a row as committed before its file is placed (under the writer's turn)."""
+        self._unplaced[relpath] = unplaced
+        self._held_studies[unplaced.study_id] += 1
+
+    def _release(self, relpath: str, unplaced: _Unplaced, placed: bool) -> None:
+        """The file is placed (or its row is gone again): the study may complete."""
+        with self._lock:
+            if self._unplaced.get(relpath) is unplaced:
+                del self._unplaced[relpath]
+            self._held_studies[unplaced.study_id] -= 1
+            if self._held_studies[unplaced.study_id] <= 0:
+                del self._held_studies[unplaced.study_id]
+        unplaced.placed = placed
+        unplaced.done.set()
+
+    def _place_early(self, staged: StagedFile, relpath: str, unplaced: _Unplaced) -> None:
+        """3. place and 4. sync a file whose row has committed; undo the row on failure."""
+        published = False
+        try:
+            staged.seal()  # SpoolError
+            staged.close()
+            directory = self.spool.place(staged.path, relpath)  # 3. place
+            published = True
+            self.spool.sync_directory(directory)  # 4. sync
+        except BaseException:
+            if published:
+                self.spool.path(relpath).unlink(missing_ok=True)
+            if self._unrecord(unplaced):
+                self._release(relpath, unplaced, placed=False)
+            else:
+                with self._lock:
+                    self._unrecord_owed.append(unplaced)
+                    # the study stays held back until the row is gone (retry_unrecord)
+                    if self._unplaced.get(relpath) is unplaced:
+                        del self._unplaced[relpath]
+                unplaced.done.set()
+            raise
+        self._release(relpath, unplaced, placed=True)
+
+    def _unrecord(self, unplaced: _Unplaced) -> bool:
+        """Delete the row of an instance that was never acknowledged; False if it failed."""
+        try:
+            with self._lock, transaction(self.sessions) as session:
+                session.execute(delete(Instance).where(Instance.id == unplaced.instance_id))
+        except SijnodeError as exc:
+            log.error(
+                "row of an unacknowledged instance could not be removed; retrying later",
+                extra=fields(instance_id=unplaced.instance_id, error=str(exc)),
+            )
+            return False
+        log.warning(
+            "instance not stored: its row was removed again",
+            extra=fields(instance_id=unplaced.instance_id, study_id=unplaced.study_id),
+        )
+        return True
+
+    def retry_unrecord(self) -> None:
+        """Retry the deletes owed for failed instances (the completion loop calls this)."""
+        with self._lock:
+            owed, self._unrecord_owed = self._unrecord_owed, []
+        for unplaced in owed:
+            if self._unrecord(unplaced):
+                with self._lock:
+                    self._held_studies[unplaced.study_id] -= 1
+                    if self._held_studies[unplaced.study_id] <= 0:
+                        del self._held_studies[unplaced.study_id]
+            else:
+                with self._lock:
+                    self._unrecord_owed.append(unplaced)
+
+    @contextmanager
+    def writer_turn(self) -> Iterator[frozenset[int]]:
+        """The writer's turn, and the studies with a committed row whose file is not in
+        place yet (they must not be judged complete): for the completion loop."""
+        with self._lock:
+            yield frozenset(self._held_studies)
 
     def _record(
         self,

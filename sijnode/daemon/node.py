@@ -321,6 +321,7 @@ class Node:
         """Complete and dispatch every study whose completion rule holds; return their ids."""
         now = now or utcnow()
         done: list[int] = []
+        self.ingestor.retry_unrecord()
         with transaction(self.sessions) as session:
             receiving = session.scalars(
                 select(Study).where(Study.state == StudyState.RECEIVING)
@@ -330,14 +331,21 @@ class Node:
                 verdict = assess(session, study, self.settings.completion, now)
                 if not verdict.complete:
                     continue
-                transition(
-                    session,
-                    study,
-                    StudyState.COMPLETE,
-                    verdict.reason,
-                    at=now,
-                    series={uid: v.value for uid, v in verdict.series.items()},
-                )
+                # In the writer's turn no instance commits meanwhile, and a study with a
+                # row committed before its file is in place waits (sijnode.daemon.ingest,
+                # "The hot path commits early").
+                with self.ingestor.writer_turn() as unplaced:
+                    if study.id in unplaced:
+                        continue
+                    transition(
+                        session,
+                        study,
+                        StudyState.COMPLETE,
+                        verdict.reason,
+                        at=now,
+                        series={uid: v.value for uid, v in verdict.series.items()},
+                    )
+                    session.commit()
                 self.metrics.studies_completed.labels(reason=verdict.reason or "").inc()
                 done.append(study.id)
             # complete but not dispatched: an earlier dispatch failed (audit or broker down)

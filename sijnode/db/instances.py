@@ -255,6 +255,9 @@ class IngestResult:
     study_id: int
     instance_id: int
     relpath: str
+    #: Only a new instance row of a known, receiving series was written (the hot path):
+    #: deleting that row undoes the whole transaction (sijnode.daemon.ingest).
+    fresh: bool = False
 
 
 #: Key of a cached series row: a series UID means something only within its study.
@@ -477,7 +480,7 @@ class InstanceRecorder:
         if same.fetchall() or touched.rowcount != 1 or row is None:
             session.rollback()
             return None
-        return IngestResult(IngestOutcome.STORED, study_id, row[0], relpath)
+        return IngestResult(IngestOutcome.STORED, study_id, row[0], relpath, fresh=True)
 
     @staticmethod
     def _restore(
