@@ -264,9 +264,10 @@ class Node:
                     select(Instance.spool_path).where(Instance.removed_at.is_(None))
                 ).all()
             )
-            # The rows commit while the rename's directory fsync is still running, and
-            # Success waits for both: a row of a study still receiving whose file is gone
-            # was never acknowledged (a power loss in that window).
+            # The rows commit while the rename's directory fsync is still running (on the
+            # hot path while the file's fsync runs, before the rename), and Success waits
+            # for all: a row of a study still receiving whose file is gone was never
+            # acknowledged (a crash or power loss in that window).
             missing = sorted(known - on_disk)
             lost = (
                 session.scalars(
