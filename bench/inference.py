@@ -2,7 +2,7 @@
 
 For each pipeline (CT: ResNeXt-50 32x4d; MR: ResNet18 on ROI patches), one synthetic study
 is written to disk (``sijnode.synth``) and a checkpoint with seeded weights is saved
-(heads scaled so every slice is positive and ``max_explained`` slices are explained; an MR
+(slice threshold 0, so every slice is positive and ``max_explained`` slices are explained; an MR
 localiser that predicts the study's mean truth boxes). Then, in interleaved rounds:
 
 - **pipeline**: ``LoadedPipeline.predict(study)`` (decode, preprocess, localise, forward,
@@ -40,11 +40,12 @@ from sijnode.models.architectures import (
 )
 from sijnode.models.checkpoint import save_checkpoint
 from sijnode.models.registry import LoadedPipeline, PredictOptions, StudyInput, get_pipeline
-from sijnode.models.spec import ModelSpec, ct_spec, localizer_spec, mr_spec
+from sijnode.models.spec import ModelSpec, OperatingPoints, ct_spec, localizer_spec, mr_spec
 from sijnode.synth import SynthStudy, generate_ct_study, generate_mr_study, write_study
 
-#: Head gains that make seeded random weights call every synthetic slice positive.
-HEAD_GAIN = {"ct": ("fc.weight", 60.0), "mr": ("fc.2.weight", 8.0)}
+#: Slice threshold 0: every slice is positive, so ``max_explained`` slices are explained
+#: (the costly case) whatever the seeded weights score.
+EVERY_SLICE = OperatingPoints(slice_threshold=0.0, chosen_by="bench: every slice", data="none")
 
 
 @dataclass
@@ -81,9 +82,8 @@ def _study_input(study: SynthStudy, out: Path) -> StudyInput:
     return StudyInput.from_paths(study.study_instance_uid, {study.series_instance_uid: paths})
 
 
-def _checkpoint(out: Path, spec: ModelSpec, gain_key: str, gain: float) -> tuple[Path, ModelSpec]:
+def _checkpoint(out: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
     state = seeded_state_dict(spec, 5)
-    state[gain_key] = state[gain_key] * gain
     path = out / f"{spec.short_task}.safetensors"
     return path, save_checkpoint(path, spec, state)
 
@@ -104,16 +104,20 @@ def prepare(
 ) -> tuple[dict[str, Path], StudyInput, ModelSpec]:
     """Study on disk and checkpoints for pipeline ``name``."""
     out.mkdir(parents=True, exist_ok=True)
-    key, gain = HEAD_GAIN[name]
     if name == "ct":
         study = generate_ct_study(
             seed=11, subject_index=1, positive=True, side="both", n_slices=slices
         )
-        path, spec = _checkpoint(out, ct_spec(size=size), key, gain)
+        points = EVERY_SLICE.model_copy(update={"study_threshold": 0.5})
+        path, spec = _checkpoint(out, ct_spec(size=size, operating_points=points))
         return {"model": path}, _study_input(study, out / "study"), spec
     study = generate_mr_study(seed=11, subject_index=1, positive=True, side="both", n_slices=slices)
+    points = EVERY_SLICE.model_copy(update={"subject_threshold": 0.5})
     path, spec = _checkpoint(
-        out, mr_spec(size=size, preprocessing={"kind": "mr", "patch_size": size}), key, gain
+        out,
+        mr_spec(
+            size=size, preprocessing={"kind": "mr", "patch_size": size}, operating_points=points
+        ),
     )
     loc = localizer_spec()
     loc_path = out / "localizer.safetensors"
