@@ -26,7 +26,12 @@ from sijnode.db.records import set_job_state
 from sijnode.db.schema import Job, JobState
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
-from sijnode.workers.jobs import INFERENCE_DONE_STATES, WorkerContext, execute_job
+from sijnode.workers.jobs import (
+    INFERENCE_DONE_STATES,
+    WorkerContext,
+    execute_job,
+    fail_unfinished,
+)
 from sijnode.workers.messages import JobMessage
 
 log = logging.getLogger(__name__)
@@ -48,20 +53,26 @@ def _child_main(settings_json: str, device: str | None, jobs: Any, done: Any) ->
     ctx = make_worker_context(settings, device=device)
     warm_pipelines(ctx, list(settings.pipelines))  # once, before the first job
     serve_metrics(ctx)
-    done.put(("ready", None))
+    done.put(("ready", None, None))
     while True:
         job_id = jobs.get()
         if job_id is None:
             return
-        try:
-            state = execute_job(ctx, job_id).value
-        except SijnodeError as exc:
-            log.error("embedded job failed", extra=fields(job_id=job_id, error=str(exc)))
-            state = "error"
-        except Exception:  # the child outlives a broken job
-            log.exception("embedded job raised", extra=fields(job_id=job_id))
-            state = "error"
-        done.put((job_id, state))
+        state, error = run_one(ctx, job_id)
+        done.put((job_id, state, error))
+
+
+def run_one(ctx: WorkerContext, job_id: int) -> tuple[str, str | None]:
+    """Run one job in this process: its final state, or ``("error", reason)`` when
+    :func:`execute_job` raised (the process outlives a broken job)."""
+    try:
+        return execute_job(ctx, job_id).value, None
+    except SijnodeError as exc:
+        log.error("embedded job failed", extra=fields(job_id=job_id, error=str(exc)))
+        return "error", str(exc)
+    except Exception as exc:
+        log.exception("embedded job raised", extra=fields(job_id=job_id))
+        return "error", f"{type(exc).__name__}: {exc}"
 
 
 class _Child:
@@ -79,18 +90,19 @@ class _Child:
         )
         self.process.start()
 
-    def run(self, job_id: int) -> str | None:
-        """Run one job; its final state, or None when the child died first."""
+    def run(self, job_id: int) -> tuple[str, str | None] | None:
+        """Run one job; its final state and error (:func:`run_one`), or None when the
+        child died first."""
         self.jobs.put(job_id)
         while True:
             try:
-                key, state = self.done.get(timeout=_POLL_SECONDS)
+                key, state, error = self.done.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 if not self.process.is_alive():
                     return None
                 continue
             if key == job_id:
-                return str(state)
+                return str(state), error
 
     def stop(self, timeout: float) -> None:
         if self.process.is_alive():
@@ -168,11 +180,12 @@ class EmbeddedWorker:
                 )
             return self._child
 
-    def _run_in_child(self, job_id: int) -> None:
+    def _run_in_child(self, job_id: int) -> tuple[str, str | None]:
         for attempt in range(1, CHILD_DEATHS_ALLOWED + 1):
             child = self._ensure_child()
-            if child.run(job_id) is not None:
-                return
+            answer = child.run(job_id)
+            if answer is not None:
+                return answer
             code = child.process.exitcode
             log.error(
                 "embedded worker process died during a job",
@@ -188,25 +201,36 @@ class EmbeddedWorker:
                     f"the embedded worker process died {CHILD_DEATHS_ALLOWED} times running "
                     f"this job (last exit code {code})",
                 )
+        return JobState.FAILED.value, None
 
     def _run(self) -> None:
         while True:
             message = self._queue.get()
             if message is None:
                 return
+            self._handle(message)
+
+    def _handle(self, message: JobMessage) -> None:
+        """Run one message; whatever it raises, the feeder goes on to the next one.
+
+        A job whose run ended in an error (``execute_job`` raised, in the child or here)
+        is failed with the reason, so it is never left ``running`` or ``inferred``.
+        """
+        job_id = message.job_id
+        try:
+            if self._has_model(message.pipeline):
+                state, error = self._run_in_child(job_id)
+            else:  # only no_model bookkeeping: no inference, no torch, no child
+                state, error = run_one(self.ctx, job_id)
+            if state == "error":
+                fail_unfinished(self.ctx.sessions, job_id, f"embedded worker: {error}")
+        except Exception:  # the feeder outlives a broken job and a broken audit
+            log.exception("embedded job could not be settled", extra=fields(job_id=job_id))
+        finally:
             try:
-                if self._has_model(message.pipeline):
-                    self._run_in_child(message.job_id)
-                else:  # only no_model bookkeeping: no inference, no torch, no child
-                    execute_job(self.ctx, message.job_id)
-            except SijnodeError as exc:
-                log.error(
-                    "embedded job failed", extra=fields(job_id=message.job_id, error=str(exc))
-                )
-            except Exception:  # the worker thread outlives a broken job
-                log.exception("embedded job raised", extra=fields(job_id=message.job_id))
-            finally:
                 if self.on_done is not None:
-                    self.on_done(message.job_id)
-                if self._queue.empty():
-                    self._idle.set()
+                    self.on_done(job_id)
+            except Exception:  # a failing callback must not stop the feeder either
+                log.exception("embedded worker: on_done raised", extra=fields(job_id=job_id))
+            if self._queue.empty():
+                self._idle.set()

@@ -63,13 +63,46 @@ class WorkerContext:
     results: dict[int, PipelineResult] = field(default_factory=dict)
 
 
+#: States a job can be stuck in when its run raised unexpectedly; such a job is failed.
+UNFINISHED_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.INFERRED})
+
+
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
     """Run job ``job_id`` once; return the state it ends in.
 
     Before anything runs, the job's inputs are checked to come from its own study and
     one patient pseudonym (:func:`~sijnode.db.instances.check_job_inputs`); a job that
-    fails the check is failed with the reason, and no pipeline sees its files.
+    fails the check is failed with the reason, and no pipeline sees its files. Any
+    unexpected error of the run (outside the pipeline, which fails its own jobs) fails
+    the job with the reason instead of leaving it ``queued``, ``running`` or
+    ``inferred``; only a job that does not exist, or an audit that cannot be written
+    even to record the failure, raises.
     """
+    try:
+        return _execute(ctx, job_id)
+    except Exception as exc:
+        log.exception("job raised", extra=fields(job_id=job_id))
+        reason = f"{type(exc).__name__}: {exc}"
+        if not fail_unfinished(ctx.sessions, job_id, reason):
+            raise
+        return JobState.FAILED
+
+
+def fail_unfinished(sessions: sessionmaker[Session], job_id: int, reason: str) -> bool:
+    """Fail job ``job_id`` with ``reason`` if it is still queued, running or inferred.
+
+    Returns whether it was failed (False: no such job, or it moved on meanwhile).
+    """
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state not in UNFINISHED_STATES:
+            return False
+        transition(session, job, JobState.FAILED, reason)
+    log.error("job failed", extra=fields(job_id=job_id, error=reason))
+    return True
+
+
+def _execute(ctx: WorkerContext, job_id: int) -> JobState:
     with transaction(ctx.sessions) as session:
         # Row lock (PostgreSQL): a job delivered to two workers keeps a consistent claim.
         job = session.get(Job, job_id, with_for_update=True)
