@@ -410,6 +410,8 @@ def test_kill_9_mid_job_runs_the_job_again_with_one_result(
     path, spec = ct_model
     visibility = 5.0
     settings, env = _broker_setup(tmp_path, redis_url, pg_url, path, visibility)
+    # the killed worker's lease lapses after this: then the second worker runs the job
+    env["SIJNODE_BROKER__LEASE_SECONDS"] = "6"
     first = Worker(env, tmp_path / "worker-1.log")
     second: Worker | None = None
     try:
@@ -427,6 +429,8 @@ def test_kill_9_mid_job_runs_the_job_again_with_one_result(
             second = Worker(env, tmp_path / "worker-2.log")
             job = _wait_state(node, second, uid, JobState.REPORTED, 240)
             assert job.attempts == 2
+            # it ran again because the dead worker's lease lapsed, not as a duplicate
+            assert "job lease lapsed" in second.log.read_text()
             states = _states(node.sessions, job.id)
             assert states.count(JobState.RUNNING) == 2 and states[-2:] == [
                 JobState.INFERRED,

@@ -109,7 +109,7 @@ JOB = Lifecycle[JobState](
         (JobState.QUEUED, JobState.RUNNING): "a worker claimed it",
         (JobState.QUEUED, JobState.FAILED): "its inputs failed the check before it ran",
         (JobState.QUEUED, JobState.SUPERSEDED): _SUPERSEDED,
-        (JobState.RUNNING, JobState.RUNNING): "run again: the worker holding it was lost",
+        (JobState.RUNNING, JobState.RUNNING): "run again: the lease of the run holding it lapsed",
         (JobState.RUNNING, JobState.INFERRED): "the pipeline recorded its prediction",
         (JobState.RUNNING, JobState.NO_MODEL): "no model configured for its pipeline: waits",
         (JobState.RUNNING, JobState.FAILED): "the pipeline raised or its inputs were refused",

@@ -290,6 +290,11 @@ class Job(Base):
     worker_host: Mapped[str | None] = mapped_column(String(128))
     device: Mapped[str | None] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The worker run that holds the job now (a random token per claim), and until when:
+    #: the holder renews it while it runs; a lapsed lease means the holder died
+    #: (docs/workers.md, "One run at a time").
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    lease_expires_at: Mapped[datetime | None]
     stage_timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -32,6 +32,7 @@ from sijnode.workers.jobs import (
     execute_job,
     fail_unfinished,
 )
+from sijnode.workers.lease import release_all_leases, release_lease
 from sijnode.workers.messages import JobMessage
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,14 @@ class EmbeddedWorker:
         return child.process.pid if child is not None and child.process.is_alive() else None
 
     def start(self) -> None:
-        """Start the feeder thread; start the child now if any pipeline has a model."""
+        """Start the feeder thread; start the child now if any pipeline has a model.
+
+        Leases left by an earlier process are cleared first: in embedded mode this
+        process is the only one that runs jobs, so no earlier run lives on.
+        """
+        cleared = release_all_leases(self.ctx.sessions)
+        if cleared:
+            log.info("job leases of an earlier process cleared", extra=fields(jobs=cleared))
         if any(self._has_model(name) for name in self.ctx.settings.pipelines):
             self._ensure_child()
         self._thread.start()
@@ -191,6 +199,8 @@ class EmbeddedWorker:
                 "embedded worker process died during a job",
                 extra=fields(job_id=job_id, exit_code=code, attempt=attempt),
             )
+            # the dead child holds the job's lease no more: the next child runs it at once
+            release_lease(self.ctx.sessions, job_id)
         with transaction(self.ctx.sessions) as session:
             job = session.get_one(Job, job_id)
             if job.state not in INFERENCE_DONE_STATES:

@@ -161,8 +161,9 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
         already = session.scalar(
             select(func.count()).select_from(Prediction).where(Prediction.job_id == row.id)
         )
-        if row.state is not JobState.RUNNING or already:
-            # another delivery of this job got here first: exactly one result is recorded
+        if row.state is not JobState.RUNNING or already or row.lease_token != job.lease_token:
+            # another delivery of this job got here first, or took the job over after this
+            # run's lease lapsed (``job`` is the row as claimed): one result is recorded
             log.warning(
                 "result not recorded: the job moved on",
                 extra=fields(job_id=row.id, state=row.state.value, predictions=already),
