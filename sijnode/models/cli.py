@@ -1,10 +1,12 @@
 """``sijnode models import|list|show|verify``: versioned checkpoints in the data directory.
 
-``import`` verifies a checkpoint in full (spec, architecture, task, length, weights hash;
-:func:`sijnode.models.checkpoint.verify_checkpoint`), copies it to
+``import`` verifies a checkpoint in full (spec, architecture, task, length, weights hash,
+and that the weights' tensor names and shapes fit the architecture;
+:func:`sijnode.models.checkpoint.verify_checkpoint` with ``fit``), copies it to
 ``<data_dir>/models/<version>.safetensors`` and records its row (version, task, spec, file)
 in the audit, so ``pipelines.<name>.model`` can name the version. Heavy imports happen
-inside the commands; no command imports torch.
+inside the commands; only ``import`` and ``verify`` import torch, to build the
+architecture on the meta device (no memory for weights).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def import_model(settings: Settings, file: Path, task: str | None = None) -> tup
     from sijnode.models.identity import imported_path
     from sijnode.workers.model_records import record_model
 
-    spec = verify_checkpoint(file, expected_task=task)
+    spec = verify_checkpoint(file, expected_task=task, fit=True)
     target = imported_path(settings.data_dir, spec.version)
     if not (target.is_file() and target.stat().st_size == file.stat().st_size):
         _copy_durably(file, target)
@@ -214,7 +216,8 @@ def verify_command(
     target: Annotated[str, typer.Argument(help="An imported version or a checkpoint file.")],
     task: TaskOpt = None,
 ) -> None:
-    """Check a checkpoint in full (spec, task, length, weights hash); exit 1 naming the fault."""
+    """Check a checkpoint in full (spec, task, length, weights hash, tensors fit the
+    architecture); exit 1 naming the fault."""
     from sijnode.errors import CheckpointError
     from sijnode.models.checkpoint import verify_checkpoint
     from sijnode.models.identity import looks_like_file
@@ -222,7 +225,7 @@ def verify_command(
     settings = _settings(ctx)
     expected = _task(task)
     if looks_like_file(target) or Path(target).is_file():
-        spec = verify_checkpoint(Path(target), expected_task=expected)
+        spec = verify_checkpoint(Path(target), expected_task=expected, fit=True)
         typer.echo(f"ok: {target} is {spec.version} ({spec.task}, {spec.name}), weights intact")
         return
     with _session(settings) as session:
@@ -231,7 +234,7 @@ def verify_command(
         recorded = (row.version, row.weights_sha256)
     if not path.is_file():
         raise CheckpointError(f"model {target}: its file {path} is missing")
-    spec = verify_checkpoint(path, expected_task=expected)
+    spec = verify_checkpoint(path, expected_task=expected, fit=True)
     if (spec.version, spec.weights_sha256) != recorded:
         raise CheckpointError(
             f"model {target}: the file {path} now holds {spec.version} (weights "
