@@ -139,6 +139,8 @@ class EventType(enum.StrEnum):
     JOB_DISPATCH_FAILED = "job_dispatch_failed"
     SPOOL_PURGED = "spool_purged"
     INSTANCE_RESTORED = "instance_restored"
+    #: A Storage Commitment N-EVENT-REPORT for a transaction no delivery awaits.
+    COMMITMENT_UNKNOWN = "commitment_unknown"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
