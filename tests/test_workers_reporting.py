@@ -381,3 +381,38 @@ def test_the_embedded_child_answers_an_error_and_runs_the_next_job(tmp_path: Pat
         assert child.process.pid == pid and child.process.is_alive()
     finally:
         child.stop(30)
+
+
+def test_a_report_only_job_is_built_in_the_embedded_child_not_the_listener(
+    tmp_path: Path,
+) -> None:
+    """A job left ``inferred`` whose model is gone: the feeder hands it to a child (started
+    for it), which builds and records the report; the listener's own context built none."""
+    from sijnode.workers.embedded import EmbeddedWorker
+
+    ctx = make_worker_context(_settings(tmp_path))
+    job_id = _inferred_job(ctx, ct_case(tmp_path / "src", n_slices=4, n_explained=1))
+    waiting = _queued_job(ctx, "no-model")
+    worker = EmbeddedWorker(ctx)
+    done: list[int] = []
+    worker.on_done = done.append
+    worker.start()
+    try:
+        assert worker.child_pid is None, "no pipeline has a model: no child at start"
+        worker.send(JobMessage(job_id=waiting, pipeline="ct", spool_paths=[]))
+        wait_for(lambda: done == [waiting], timeout=30)
+        assert worker.child_pid is None, "no_model bookkeeping needs no child"
+        worker.send(JobMessage(job_id=job_id, pipeline="ct", spool_paths=[]))
+        wait_for(lambda: len(done) == 2, timeout=120)
+        assert worker.child_pid is not None, "the report ran in a child"
+    finally:
+        worker.stop()
+    with ctx.sessions() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state is JobState.REPORTED, job.error
+        assert len(s.scalars(select(Output).where(Output.job_id == job_id)).all()) == 2
+        assert s.get_one(Job, waiting).state is JobState.NO_MODEL
+    reports_here = ctx.metrics.registry.get_sample_value(
+        "sijnode_worker_stage_seconds_count", {"pipeline": "ct", "stage": "report"}
+    )
+    assert not reports_here, "the listener's context built a report"

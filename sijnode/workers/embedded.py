@@ -3,9 +3,10 @@
 Used when ``broker.url`` is empty, so one process tree is a complete node (no Redis). A
 feeder thread in the listener takes job messages in arrival order and hands each to a
 child process (``multiprocessing`` spawn: torch is imported only there, and inference
-never holds the listener's GIL). The child loads the models once when it starts and keeps
-them. A job whose pipeline has no usable model only needs its ``no_model`` bookkeeping,
-which the feeder does itself, so a node without models never starts a child. The queue
+and report building never hold the listener's GIL). The child loads the models once when
+it starts and keeps them. A job whose pipeline has no usable model only needs its
+``no_model`` bookkeeping, which the feeder does itself, so a node without models starts no
+child, unless a job left ``inferred`` needs its report (built in the child too). The queue
 lives in the audit database (queued jobs are sent again at start-up), and a job whose
 child died is run once more in a fresh child, so nothing is lost when a process dies.
 """
@@ -20,6 +21,8 @@ import uuid
 from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from typing import Any
+
+from sqlalchemy import select
 
 from sijnode.db.engine import transaction
 from sijnode.db.records import set_job_state
@@ -179,6 +182,13 @@ class EmbeddedWorker:
         except SijnodeError:
             return False
 
+    def _needs_report(self, job_id: int) -> bool:
+        """Whether the job is ``inferred``: its report (highdicom, OpenCV, the captures)
+        is built in the child even when its model is gone, never in the listener."""
+        with self.ctx.sessions() as session:
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+        return state is JobState.INFERRED
+
     def _ensure_child(self) -> _Child:
         with self._child_lock:
             if self._child is None or not self._child.process.is_alive():
@@ -228,9 +238,9 @@ class EmbeddedWorker:
         """
         job_id = message.job_id
         try:
-            if self._has_model(message.pipeline):
+            if self._has_model(message.pipeline) or self._needs_report(job_id):
                 state, error = self._run_in_child(job_id)
-            else:  # only no_model bookkeeping: no inference, no torch, no child
+            else:  # only no_model bookkeeping: no inference, no report, no child
                 state, error = run_one(self.ctx, job_id)
             if state == "error":
                 fail_unfinished(self.ctx.sessions, job_id, f"embedded worker: {error}")
