@@ -8,12 +8,12 @@ import pytest
 from sqlalchemy import func, select
 
 from sijnode.db.engine import transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.records import (
     mark_dispatched,
     record_delivery_attempt,
     record_output,
     record_prediction,
-    set_job_state,
     supersede_job,
 )
 from sijnode.db.reid import reidentify, remember_identifiers
@@ -49,12 +49,12 @@ def _job(audit: Audit) -> int:
         return add_job(s, study, "key-7", created=at(50)).id
 
 
-def test_set_job_state_writes_row_transition_and_event(audit: Audit) -> None:
+def test_a_job_transition_writes_row_transition_and_event(audit: Audit) -> None:
     job_id = _job(audit)
     with audit.session() as s:
         job = s.get_one(Job, job_id)
-        set_job_state(s, job, JobState.RUNNING, at=at(52))
-        set_job_state(s, job, JobState.FAILED, "out of memory", at=at(53))
+        transition(s, job, JobState.RUNNING, at=at(52))
+        transition(s, job, JobState.FAILED, "out of memory", at=at(53))
     with audit.session() as s:
         job = s.get_one(Job, job_id)
         assert job.state is JobState.FAILED
@@ -73,7 +73,7 @@ def test_set_job_state_writes_row_transition_and_event(audit: Audit) -> None:
         }
         assert all(e.job_id == job_id and e.study_id == job.study_id for e in events)
         # A manual retry after a failure clears finished_at again.
-        set_job_state(s, job, JobState.QUEUED, "manual retry")
+        transition(s, job, JobState.QUEUED, "manual retry")
         assert job.finished_at is None
 
 
@@ -81,7 +81,7 @@ def test_state_change_and_event_roll_back_together(audit: Audit) -> None:
     job_id = _job(audit)
     with pytest.raises(AuditError), transaction(audit.factory) as s:
         job = s.get_one(Job, job_id)
-        set_job_state(s, job, JobState.RUNNING)
+        transition(s, job, JobState.RUNNING)
         s.add(Job(study_id=job.study_id, job_key="key-7", route="r", pipeline="ct"))  # duplicate
         s.flush()
     with audit.session() as s:

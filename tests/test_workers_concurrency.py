@@ -214,7 +214,7 @@ def test_a_job_whose_worker_died_runs_again_once_its_lease_lapsed(pg_url: str) -
 def test_a_run_whose_lease_was_taken_over_records_nothing(pg_url: str) -> None:
     """A holder that only stalled past its lease: once another run took the job over, its
     heartbeat says so and its final state is not written."""
-    from sijnode.workers.jobs import _finish
+    from sijnode.workers.finish import finish_job
 
     upgrade(pg_url)
     (job_id,) = _jobs(pg_url, 1)
@@ -225,7 +225,10 @@ def test_a_run_whose_lease_was_taken_over_records_nothing(pg_url: str) -> None:
     with Lease(ctx.sessions, job_id, "stalled", 1.0) as lease:
         time.sleep(0.8)
         assert not lease.held
-        assert _finish(ctx, job_id, "stalled", JobState.FAILED, "late") is JobState.RUNNING
+        assert (
+            finish_job(ctx.sessions, job_id, JobState.FAILED, "late", token="stalled")
+            is JobState.RUNNING
+        )
     with ctx.sessions() as s:
         job = s.get_one(Job, job_id)
         assert job.state is JobState.RUNNING and job.lease_token == "new-run"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import select
@@ -26,11 +26,11 @@ from sijnode.db.schema import (
     EventType,
     Job,
     JobState,
-    JobTransition,
     Output,
     OutputKind,
     Prediction,
     SliceScore,
+    as_utc,
     utcnow,
 )
 
@@ -44,13 +44,6 @@ class SliceScoreInput(NamedTuple):
     sop_instance_uid: str
     score: float
     filtered_score: float | None = None
-
-
-def as_utc(value: datetime) -> datetime:
-    """Return ``value`` as an aware UTC datetime; naive values (SQLite) are taken as UTC."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _when(at: datetime | None) -> datetime:
@@ -74,18 +67,6 @@ def _ensure_id(session: Session, job: Job) -> int:
         session.add(job)
         session.flush()
     return job.id
-
-
-def set_job_state(
-    session: Session,
-    job: Job,
-    state: JobState,
-    detail: str | None = None,
-    *,
-    at: datetime | None = None,
-) -> JobTransition:
-    """Move ``job`` to ``state``: a thin alias of :func:`sijnode.db.lifecycle.transition`."""
-    return transition(session, job, JobState(state), detail, at=at)
 
 
 def mark_dispatched(

@@ -28,12 +28,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import record_event, transaction
-from sijnode.db.records import (
-    as_utc,
-    get_or_create_delivery,
-    record_delivery_outcome,
-    set_job_state,
-)
+from sijnode.db.lifecycle import transition
+from sijnode.db.records import get_or_create_delivery, record_delivery_outcome
 from sijnode.db.schema import (
     Delivery,
     DeliveryStatus,
@@ -43,6 +39,7 @@ from sijnode.db.schema import (
     Output,
     OutputKind,
     Prediction,
+    as_utc,
     utcnow,
 )
 from sijnode.delivery.commitment import (
@@ -174,7 +171,7 @@ def enqueue_job(
             delivery.next_attempt_at = now
         out.append(delivery)
     if shadow and job.state in _DELIVERABLE_JOB_STATES:
-        set_job_state(session, job, JobState.SHADOW, "shadow mode: nothing sent", at=now)
+        transition(session, job, JobState.SHADOW, "shadow mode: nothing sent", at=now)
     log.info(
         "deliveries queued",
         extra=fields(
@@ -193,7 +190,7 @@ def finish_job_if_delivered(session: Session, job: Job, *, at: datetime | None =
         return False
     if any(d.status is not DeliveryStatus.DELIVERED for d in deliveries):
         return False
-    set_job_state(
+    transition(
         session,
         job,
         JobState.DELIVERED,

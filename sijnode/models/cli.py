@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sijnode.audit.render import OutputFormat as Format
+from sijnode.cli_context import add_group, audit_session, group_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -44,38 +43,9 @@ TaskOpt = Annotated[
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table, json or csv.")]
 
 
-class _Loader:
-    """The settings loader the root passes in, carried by the ``models`` group's context."""
-
-    def __init__(self, settings: SettingsLoader) -> None:
-        self.settings = settings
-
-
 def register(app: typer.Typer, settings: SettingsLoader) -> None:
     """Add ``models`` to the ``sijnode`` app; ``settings`` loads this invocation's settings."""
-    app.add_typer(models_app, name="models", context_settings={"obj": _Loader(settings)})
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    loader = ctx.find_object(_Loader)
-    if loader is None:  # pragma: no cover - register() always sets it
-        raise RuntimeError("sijnode models: no settings loader (use sijnode.cli)")
-    return loader.settings()
-
-
-@contextmanager
-def _session(settings: Settings) -> Iterator[Session]:
-    """A transaction on the audit database, after the schema check."""
-    from sijnode.db.engine import make_engine, make_sessionmaker, transaction
-    from sijnode.db.migrate import check_schema_current
-
-    engine = make_engine(settings.database.url, echo=settings.database.echo)
-    try:
-        check_schema_current(engine)
-        with transaction(make_sessionmaker(engine)) as session:
-            yield session
-    finally:
-        engine.dispose()
+    add_group(app, models_app, "models", settings)
 
 
 def _task(value: str | None) -> str | None:
@@ -122,7 +92,7 @@ def import_model(settings: Settings, file: Path, task: str | None = None) -> tup
     if not (target.is_file() and target.stat().st_size == file.stat().st_size):
         _copy_durably(file, target)
     verify_checkpoint(target, expected_task=task)  # the copy is what workers will load
-    with _session(settings) as session:
+    with audit_session(settings) as session:
         record_model(session, spec, target, settings.data_dir)
     return spec, target
 
@@ -134,7 +104,7 @@ def import_command(
     task: TaskOpt = None,
 ) -> None:
     """Verify a checkpoint, copy it into <data_dir>/models and record it in the audit."""
-    spec, target = import_model(_settings(ctx), file, _task(task))
+    spec, target = import_model(group_settings(ctx), file, _task(task))
     typer.echo(
         f"imported {spec.version} ({spec.task}, {spec.name}, {spec.architecture}) -> {target}"
     )
@@ -161,7 +131,7 @@ def list_command(ctx: typer.Context, output_format: FormatOpt = Format.table) ->
     from sijnode.audit.render import render
     from sijnode.db.schema import ModelRecord
 
-    with _session(_settings(ctx)) as session:
+    with audit_session(group_settings(ctx)) as session:
         rows = [
             _row_dict(r)
             for r in session.scalars(
@@ -196,8 +166,8 @@ def show_command(
     """The whole spec of an imported model, its file and where it is used (JSON)."""
     from sijnode.audit.render import render_json
 
-    settings = _settings(ctx)
-    with _session(settings) as session:
+    settings = group_settings(ctx)
+    with audit_session(settings) as session:
         row = _model_row(session, version)
         data = {**_row_dict(row), "file": str(_file_of(settings, row)), "spec": row.spec}
     data["file_exists"] = Path(data["file"]).is_file()
@@ -222,13 +192,13 @@ def verify_command(
     from sijnode.models.checkpoint import verify_checkpoint
     from sijnode.models.identity import looks_like_file
 
-    settings = _settings(ctx)
+    settings = group_settings(ctx)
     expected = _task(task)
     if looks_like_file(target) or Path(target).is_file():
         spec = verify_checkpoint(Path(target), expected_task=expected, fit=True)
         typer.echo(f"ok: {target} is {spec.version} ({spec.task}, {spec.name}), weights intact")
         return
-    with _session(settings) as session:
+    with audit_session(settings) as session:
         row = _model_row(session, target)
         path = _file_of(settings, row)
         recorded = (row.version, row.weights_sha256)

@@ -191,6 +191,14 @@ class ModelIdentities:
             )
         return ModelRef(role, spec, path)
 
+    def usable(self, pipeline: str) -> bool:
+        """Whether ``pipeline`` has a model set that can be used now (configured, readable,
+        of the right tasks, with its companions); any such error counts as no."""
+        try:
+            return self(pipeline) is not None
+        except SijnodeError:
+            return False
+
     def __call__(self, pipeline: str) -> ModelIdentity | None:
         """The model set of ``pipeline``, or None without a model.
 

@@ -25,16 +25,12 @@ from typing import Any
 from sqlalchemy import select
 
 from sijnode.db.engine import transaction
-from sijnode.db.records import set_job_state
+from sijnode.db.lifecycle import transition
 from sijnode.db.schema import Job, JobState
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
-from sijnode.workers.jobs import (
-    INFERENCE_DONE_STATES,
-    WorkerContext,
-    execute_job,
-    fail_unfinished,
-)
+from sijnode.workers.finish import fail_unfinished
+from sijnode.workers.jobs import INFERENCE_DONE_STATES, WorkerContext, execute_job
 from sijnode.workers.lease import release_all_leases, release_lease
 from sijnode.workers.messages import JobMessage
 
@@ -152,7 +148,7 @@ class EmbeddedWorker:
         cleared = release_all_leases(self.ctx.sessions)
         if cleared:
             log.info("job leases of an earlier process cleared", extra=fields(jobs=cleared))
-        if any(self._has_model(name) for name in self.ctx.settings.pipelines):
+        if any(self.ctx.models.usable(name) for name in self.ctx.settings.pipelines):
             self._ensure_child()
         self._thread.start()
 
@@ -175,12 +171,6 @@ class EmbeddedWorker:
             if self._child is not None:
                 self._child.stop(timeout)
                 self._child = None
-
-    def _has_model(self, pipeline: str) -> bool:
-        try:
-            return self.ctx.models(pipeline) is not None
-        except SijnodeError:
-            return False
 
     def _needs_report(self, job_id: int) -> bool:
         """Whether the job is ``inferred``: its report (highdicom, OpenCV, the captures)
@@ -214,7 +204,7 @@ class EmbeddedWorker:
         with transaction(self.ctx.sessions) as session:
             job = session.get_one(Job, job_id)
             if job.state not in INFERENCE_DONE_STATES:
-                set_job_state(
+                transition(
                     session,
                     job,
                     JobState.FAILED,
@@ -238,7 +228,7 @@ class EmbeddedWorker:
         """
         job_id = message.job_id
         try:
-            if self._has_model(message.pipeline) or self._needs_report(job_id):
+            if self.ctx.models.usable(message.pipeline) or self._needs_report(job_id):
                 state, error = self._run_in_child(job_id)
             else:  # only no_model bookkeeping: no inference, no report, no child
                 state, error = run_one(self.ctx, job_id)

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 
 from sijnode.db.engine import transaction
-from sijnode.db.records import SliceScoreInput, record_prediction, set_job_state
+from sijnode.db.lifecycle import transition
+from sijnode.db.records import SliceScoreInput, record_prediction
 from sijnode.db.schema import Job, JobState, Prediction, PredictionDetail
 from sijnode.errors import CheckpointError, NoModelError, PipelineError, SeriesError
 from sijnode.logs import fields
@@ -219,7 +220,7 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
         detail = f"{result.decision.value} p={result.probability:.4f} model {identity.version}"
         if result.reason:
             detail += f": {result.reason}"
-        set_job_state(session, row, JobState.INFERRED, detail)
+        transition(session, row, JobState.INFERRED, detail)
         stages = dict(row.stage_timings)
     ctx.results[job.id] = result  # for the report step, in this process
     for stage, seconds in stages.items():

@@ -26,10 +26,11 @@ from sijnode.db.engine import transaction
 from sijnode.db.instances import check_job_inputs
 from sijnode.db.lifecycle import JOB, TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState, utcnow
-from sijnode.errors import MixedInputsError, NoModelError, SijnodeError, TransitionError
+from sijnode.errors import MixedInputsError, NoModelError, SijnodeError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
+from sijnode.workers.finish import fail_unfinished, finish_job
 from sijnode.workers.lease import (
     LEASED_STATES,
     Lease,
@@ -75,10 +76,6 @@ class WorkerContext:
     results: dict[int, PipelineResult] = field(default_factory=dict)
 
 
-#: States a job can be stuck in when its run raised unexpectedly; such a job is failed.
-UNFINISHED_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.INFERRED})
-
-
 def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
     """Run job ``job_id`` once; return the state it ends in.
 
@@ -102,26 +99,6 @@ def execute_job(ctx: WorkerContext, job_id: int) -> JobState:
         if not fail_unfinished(ctx.sessions, job_id, reason, token):
             raise
         return JobState.FAILED
-
-
-def fail_unfinished(
-    sessions: sessionmaker[Session], job_id: int, reason: str, token: str | None = None
-) -> bool:
-    """Fail job ``job_id`` with ``reason`` if it is still queued, running or inferred and
-    no other run holds it (a live lease of another token than ``token``).
-
-    Returns whether it was failed (False: no such job, it moved on, or another run has it).
-    """
-    with transaction(sessions) as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None or job.state not in UNFINISHED_STATES:
-            return False
-        if job.lease_token not in (None, token) and lease_left(job) > 0:
-            return False
-        job.lease_token = job.lease_expires_at = None
-        transition(session, job, JobState.FAILED, reason)
-    log.error("job failed", extra=fields(job_id=job_id, error=reason))
-    return True
 
 
 @dataclass(frozen=True)
@@ -221,7 +198,7 @@ def _run(
         )
         identity = None
     if identity is None or runner is None:
-        final = _finish(ctx, job_id, token, JobState.NO_MODEL, reason)
+        final = finish_job(ctx.sessions, job_id, JobState.NO_MODEL, reason, token=token)
         log.warning("job waits: no model", extra=fields(job_id=job_id, pipeline=pipeline))
         ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
@@ -230,13 +207,13 @@ def _run(
     try:
         final = runner(ctx, job, identity)
     except NoModelError as exc:  # the model cannot be loaded here: the job waits
-        final = _finish(ctx, job_id, token, JobState.NO_MODEL, str(exc))
+        final = finish_job(ctx.sessions, job_id, JobState.NO_MODEL, str(exc), token=token)
         log.error("job waits: model not loadable", extra=fields(job_id=job_id, error=str(exc)))
         ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
     except Exception as exc:  # a failing pipeline fails its job, not the worker
         log.exception("pipeline raised", extra=fields(job_id=job_id))
-        final = _finish(ctx, job_id, token, JobState.FAILED, str(exc))
+        final = finish_job(ctx.sessions, job_id, JobState.FAILED, str(exc), token=token)
         log.error("job failed", extra=fields(job_id=job_id, error=str(exc)))
         ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
         return final
@@ -248,25 +225,3 @@ def _run(
     log.info("job finished", extra=fields(job_id=job_id, state=final.value, seconds=seconds))
     ctx.metrics.job_seconds.labels(pipeline=pipeline).observe(seconds)
     return final
-
-
-def _finish(ctx: WorkerContext, job_id: int, token: str, state: JobState, reason: str) -> JobState:
-    """Move the job to ``state`` unless it moved on meanwhile (superseded while running)
-    or another run took it over (its lease is no longer ``token``'s): then it keeps the
-    state it has, which is returned."""
-    with transaction(ctx.sessions) as session:
-        job = session.get_one(Job, job_id, with_for_update=True)
-        if job.lease_token != token:
-            log.warning(
-                "job taken over by another run; its state is kept",
-                extra=fields(job_id=job_id, state=job.state.value),
-            )
-            return JobState(job.state)
-        try:
-            transition(session, job, state, reason)
-        except TransitionError as exc:
-            log.warning(
-                "job moved on while it ran; its state is kept",
-                extra=fields(job_id=job_id, state=job.state.value, error=str(exc)),
-            )
-        return JobState(job.state)

@@ -31,8 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import transaction
-from sijnode.db.records import as_utc
-from sijnode.db.schema import Job, JobState, utcnow
+from sijnode.db.schema import Job, JobState, as_utc, utcnow
 from sijnode.logs import fields
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,9 @@ from sijnode.db.schema import (
     Prediction,
     PredictionDetail,
 )
-from sijnode.errors import ReportError, SijnodeError, TransitionError
+from sijnode.errors import ReportError, SijnodeError
 from sijnode.logs import fields
+from sijnode.workers.finish import finish_job
 
 if TYPE_CHECKING:
     from sijnode.models.result import PipelineResult
@@ -223,16 +224,7 @@ def _report(ctx: WorkerContext, job_id: int, result: PipelineResult | None) -> J
 
 
 def _fail(ctx: WorkerContext, job_id: int, pipeline: str, reason: str) -> JobState:
-    with transaction(ctx.sessions) as session:
-        job = session.get_one(Job, job_id, with_for_update=True)
-        try:
-            transition(session, job, JobState.FAILED, reason)
-        except TransitionError as exc:
-            log.warning(
-                "job moved on while it was reported; its state is kept",
-                extra=fields(job_id=job_id, state=job.state.value, error=str(exc)),
-            )
-        final = JobState(job.state)
+    final = finish_job(ctx.sessions, job_id, JobState.FAILED, reason)
     log.error("job report failed", extra=fields(job_id=job_id, error=reason))
     ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
     return final
