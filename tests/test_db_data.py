@@ -25,8 +25,9 @@ from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import upgrade
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
 from sijnode.db.records import (
+    get_or_create_delivery,
     mark_dispatched,
-    record_delivery_attempt,
+    record_delivery_outcome,
     record_output,
     record_prediction,
     supersede_job,
@@ -34,6 +35,7 @@ from sijnode.db.records import (
 from sijnode.db.schema import (
     Association,
     AssociationOutcome,
+    DeliveryStatus,
     EventType,
     GroundTruth,
     Instance,
@@ -220,6 +222,30 @@ def report(session: Session, job: Job, when: datetime) -> None:
     transition(session, job, JobState.REPORTED, at=when)
 
 
+def deliver(
+    session: Session,
+    job: Job,
+    destination: str,
+    status: DeliveryStatus,
+    *,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+    at: datetime | None = None,
+) -> None:
+    """One delivery attempt, recorded as the delivery scheduler records it."""
+    delivery = get_or_create_delivery(session, job, destination, at=at)
+    outcome = {DeliveryStatus.DELIVERED: "delivered", DeliveryStatus.DEAD: "permanent"}
+    record_delivery_outcome(
+        session,
+        delivery,
+        outcome.get(status, "transient"),
+        status,
+        error=error,
+        next_attempt_at=next_attempt_at,
+        at=at,
+    )
+
+
 def fill_scenario(audit: Audit) -> dict[str, str]:
     """Six studies with known times (see the module docstring of each test)."""
     uids = {
@@ -268,7 +294,7 @@ def fill_scenario(audit: Audit) -> dict[str, str]:
         job = add_job(s, st, "k1", created=at(50))
         infer(s, job, at(50), 0.91)
         report(s, job, at(62))
-        record_delivery_attempt(s, job, "pacs", success=True, at=at(65))
+        deliver(s, job, "pacs", DeliveryStatus.DELIVERED, at=at(65))
         transition(s, job, JobState.DELIVERED, at=at(65))
 
         # 2: failed MR job, from another sender and site.
@@ -305,18 +331,16 @@ def fill_scenario(audit: Audit) -> dict[str, str]:
         supersede_job(s, job_a, job_b, "late images", at=at(200, 2))
         infer(s, job_b, at(200, 2), 0.8)
         report(s, job_b, at(212, 2))
-        record_delivery_attempt(
+        deliver(
             s,
             job_b,
             "pacs",
-            success=False,
+            DeliveryStatus.RETRYING,
             error="connection refused",
             next_attempt_at=at(245, 2),
             at=at(215, 2),
         )
-        record_delivery_attempt(
-            s, job_b, "pacs", success=False, error="connection refused", at=at(245, 2)
-        )
+        deliver(s, job_b, "pacs", DeliveryStatus.DEAD, error="connection refused", at=at(245, 2))
         transition(s, job_b, JobState.FAILED, "delivery dead", at=at(245, 2))
 
         # 4: shadow mode at the south site; nothing sent.

@@ -236,56 +236,6 @@ def get_or_create_delivery(
     return delivery
 
 
-def record_delivery_attempt(
-    session: Session,
-    job: Job,
-    destination: str,
-    *,
-    success: bool,
-    error: str | None = None,
-    next_attempt_at: datetime | None = None,
-    sop_instance_uids: Sequence[str] = (),
-    at: datetime | None = None,
-) -> Delivery:
-    """Record one try to send ``job``'s outputs to ``destination``.
-
-    Success marks the delivery delivered. A failure with ``next_attempt_at`` marks it
-    retrying; a failure without one marks it dead (the caller decides when to give up).
-    """
-    if not success and not error:
-        raise ValueError("expected an error message for a failed delivery attempt, got none")
-    when = _when(at)
-    delivery = get_or_create_delivery(session, job, destination, at=at)
-    delivery.attempts = (delivery.attempts or 0) + 1
-    if success:
-        delivery.status = DeliveryStatus.DELIVERED
-        delivery.delivered_at = when
-        delivery.next_attempt_at = None
-        delivery.last_error = None
-    else:
-        delivery.last_error = error
-        if next_attempt_at is None:
-            delivery.status = DeliveryStatus.DEAD
-            delivery.next_attempt_at = None
-        else:
-            delivery.status = DeliveryStatus.RETRYING
-            delivery.next_attempt_at = as_utc(next_attempt_at)
-    event = record_event(
-        session,
-        EventType.DELIVERY_ATTEMPT,
-        study_id=job.study_id,
-        job_id=job.id,
-        delivery_id=delivery.id,
-        destination=destination,
-        attempt=delivery.attempts,
-        success=bool(success),
-        status=delivery.status.value,
-        **_extra(error=error, sop_instance_uids=list(sop_instance_uids)),
-    )
-    event.at = when
-    return delivery
-
-
 # -- delivery (sijnode.delivery) ---------------------------------------------------------
 
 

@@ -103,15 +103,6 @@ class ModelIdentity:
         return {m.role: m.path for m in self.members}
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def looks_like_file(value: str) -> bool:
     """Whether a ``model`` setting names a file rather than an imported version."""
     return value.endswith(CHECKPOINT_SUFFIX) or "/" in value or "\\" in value

@@ -126,8 +126,6 @@ class EmbeddedWorker:
         self.ctx = ctx
         self._queue: queue.Queue[JobMessage | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sijnode-embedded-worker")
-        self._idle = threading.Event()
-        self._idle.set()
         self._child: _Child | None = None
         self._child_lock = threading.Lock()
         #: Called with the job id after each job (the node wakes its delivery loop).
@@ -154,13 +152,8 @@ class EmbeddedWorker:
 
     def send(self, message: JobMessage) -> str:
         """Queue ``message`` for the worker."""
-        self._idle.clear()
         self._queue.put(message)
         return f"embedded-{uuid.uuid4().hex[:12]}"
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until every queued job has run (tests, shutdown)."""
-        return self._idle.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the job in hand and stop the thread and the child."""
@@ -242,5 +235,3 @@ class EmbeddedWorker:
                     self.on_done(job_id)
             except Exception:  # a failing callback must not stop the feeder either
                 log.exception("embedded worker: on_done raised", extra=fields(job_id=job_id))
-            if self._queue.empty():
-                self._idle.set()
