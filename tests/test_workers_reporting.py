@@ -28,7 +28,7 @@ from sijnode.db.schema import (
     PredictionDetail,
     Study,
 )
-from sijnode.errors import SijnodeError
+from sijnode.errors import UnknownJobError
 from sijnode.settings import Settings, load_settings
 from sijnode.workers.context import make_worker_context
 from sijnode.workers.inference import RESULTS_SUBDIR, save_result_files
@@ -318,8 +318,10 @@ def test_an_unexpected_error_outside_the_pipeline_fails_the_job(
         assert job.state is JobState.FAILED
         assert job.error == "AttributeError: input check bug"
     assert execute_job(ctx, _queued_job(ctx, "next")) is JobState.NO_MODEL
-    with pytest.raises(SijnodeError, match="does not exist"):
+    with pytest.raises(UnknownJobError, match="expected job 999999 in the audit database"):
         execute_job(ctx, 999_999)  # nothing to fail: the caller hears of it
+    with pytest.raises(UnknownJobError, match="found no such job"):
+        report_job(ctx, 999_999)
 
 
 def test_the_embedded_feeder_fails_a_job_whose_run_raised_and_goes_on(
@@ -375,7 +377,7 @@ def test_the_embedded_child_answers_an_error_and_runs_the_next_job(tmp_path: Pat
     child = _Child(settings.model_dump_json(), None)
     try:
         state, error = child.run(999_999) or ("died", None)
-        assert state == "error" and "job 999999 does not exist" in (error or "")
+        assert state == "error" and "expected job 999999 in the audit" in (error or "")
         pid = child.process.pid
         assert child.run(job_id) == (JobState.NO_MODEL.value, None)
         assert child.process.pid == pid and child.process.is_alive()

@@ -26,7 +26,7 @@ from sijnode.db.engine import transaction
 from sijnode.db.instances import check_job_inputs
 from sijnode.db.lifecycle import JOB, TERMINAL_JOB_STATES, transition
 from sijnode.db.schema import Job, JobState, utcnow
-from sijnode.errors import MixedInputsError, NoModelError, SijnodeError
+from sijnode.errors import MixedInputsError, NoModelError, SijnodeError, UnknownJobError
 from sijnode.logs import fields
 from sijnode.models.identity import ModelIdentities, ModelIdentity
 from sijnode.settings import Settings
@@ -119,7 +119,7 @@ def _claim(ctx: WorkerContext, job_id: int, token: str, waited: bool) -> _Claim 
         # Row lock (PostgreSQL): a job delivered to two workers keeps a consistent claim.
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
-            raise SijnodeError(f"job {job_id} does not exist in the audit database")
+            raise UnknownJobError(f"expected job {job_id} in the audit database, found no such job")
         now = utcnow()
         if job.state in LEASED_STATES and job.lease_token is not None:
             left = lease_left(job, now)

@@ -40,7 +40,7 @@ from sijnode.db.schema import (
     Prediction,
     PredictionDetail,
 )
-from sijnode.errors import ReportError, SijnodeError
+from sijnode.errors import ReportError, SijnodeError, UnknownJobError
 from sijnode.logs import fields
 from sijnode.workers.finish import finish_job
 
@@ -130,7 +130,7 @@ def report_job(ctx: WorkerContext, job_id: int, result: PipelineResult | None = 
     with transaction(ctx.sessions) as session:
         job = session.get(Job, job_id)
         if job is None:
-            raise SijnodeError(f"job {job_id} does not exist in the audit database")
+            raise UnknownJobError(f"expected job {job_id} in the audit database, found no such job")
         if job.state is not JobState.INFERRED:
             return JobState(job.state)
         pipeline = job.pipeline
