@@ -20,7 +20,10 @@ coming ``models``, ``deliveries``, ``train`` and ``spool`` do the same):
 3. The commands close over ``settings``: define them inside ``register`` (one or two
    commands, as in ``daemon/cli.py``), or as methods of a small class that ``register``
    builds with ``settings`` and whose bound methods it adds (many commands sharing helpers,
-   as ``AuditCommands`` in ``audit/cli.py``).
+   as ``AuditCommands`` in ``audit/cli.py``), or on a module-level group added with
+   :func:`sijnode.cli_context.add_group`, whose commands read the settings with
+   ``group_settings(ctx)`` (``models/cli.py``, ``delivery/cli.py``);
+   :func:`sijnode.cli_context.audit_session` is the audit transaction they share.
 4. The part's module imports only ``typer`` and light modules at the top; SQLAlchemy, torch,
    numpy and the like are imported inside the command bodies.
 5. Add the part to :func:`_register_parts` below, and list the command in the README.

@@ -49,6 +49,11 @@ class NoModelError(SijnodeError):
     """No model is configured for the pipeline a job needs."""
 
 
+class UnknownJobError(AuditError):
+    """A job id names no row of the audit's ``jobs`` table (a message for a job that was
+    never created there, or another database)."""
+
+
 class TransitionError(SijnodeError):
     """A study or job was asked to move to a state its lifecycle does not allow from where
     it is (:mod:`sijnode.db.lifecycle`)."""
@@ -90,3 +95,9 @@ class DeliveryError(SijnodeError):
 
 class TrainingError(SijnodeError):
     """A training run cannot start or continue (run directory, device, resume mismatch)."""
+
+
+class EvaluationError(SijnodeError, ValueError):
+    """Accuracy metrics cannot be computed from what they were given (labels that are not
+    0/1, scores of another length, NaN, an unknown metric, an empty set of folds). Also a
+    ValueError, as these are bad arguments."""

@@ -318,6 +318,13 @@ class BrokerSettings(_Section):
             "must exceed the longest job."
         ),
     )
+    lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        description="A running job's lease: its worker renews it every third of this; a "
+        "second message for the job waits while it is live and runs the job again only "
+        "once it lapsed (the worker died).",
+    )
 
 
 class CompletionSettings(_Section):

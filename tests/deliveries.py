@@ -27,8 +27,9 @@ from pynetdicom import AE, evt
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import upgrade
-from sijnode.db.records import record_output, record_prediction, set_job_state
+from sijnode.db.records import record_output, record_prediction
 from sijnode.db.schema import Job, JobState, OutputKind, Study
 from sijnode.settings import Settings, load_settings
 from sijnode.synth import generate_mr_study
@@ -177,8 +178,8 @@ def seed_job(
         )
         s.add(job)
         s.flush()
-        set_job_state(s, job, JobState.RUNNING)  # the lifecycle: queued → running → inferred
-        set_job_state(s, job, JobState.INFERRED)
+        transition(s, job, JobState.RUNNING)  # the lifecycle: queued → running → inferred
+        transition(s, job, JobState.INFERRED)
         record_prediction(s, job, 0.87 if label else 0.1, label, 0.5, level="subject")
         for path in results.files:
             ds = dcmread(path, stop_before_pixels=True)
@@ -186,7 +187,7 @@ def seed_job(
             record_output(
                 s, job, kind, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, str(path)
             )
-        set_job_state(s, job, JobState.REPORTED)
+        transition(s, job, JobState.REPORTED)
         return job.id
 
 

@@ -35,6 +35,17 @@ def tiny_checkpoint(path: Path, spec: ModelSpec, fill: float = 0.0) -> ModelSpec
     return save_checkpoint(path, spec, {"w": torch.full((4,), fill)})
 
 
+def zero_checkpoint(path: Path, spec: ModelSpec, fill: float = 0.0) -> ModelSpec:
+    """A checkpoint whose tensors fit the spec's architecture (names and shapes), every
+    value ``fill``: cheap to make, passes ``sijnode models import`` (CLI tests)."""
+    import torch
+
+    from sijnode.models.checkpoint import network_shapes, save_checkpoint
+
+    state = {name: torch.full(shape, fill) for name, shape in network_shapes(spec).items()}
+    return save_checkpoint(path, spec, state)
+
+
 def seeded_checkpoint(path: Path, spec: ModelSpec, seed: int = 7) -> ModelSpec:
     """A checkpoint with seeded random weights of the spec's architecture."""
     from sijnode.models.architectures import seeded_state_dict

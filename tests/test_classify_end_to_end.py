@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from sijnode.daemon.node import Node
 from sijnode.daemon.scp import SUCCESS
@@ -31,6 +32,8 @@ from sijnode.db.schema import (
     Job,
     JobState,
     JobTransition,
+    ModelRecord,
+    ModelSetMember,
     Prediction,
     PredictionDetail,
     Study,
@@ -39,7 +42,6 @@ from sijnode.models.result import HEATMAPS_NPZ, load_result
 from sijnode.models.spec import ModelSpec
 from sijnode.synth import generate_ct_study
 from sijnode.workers.inference import RESULTS_SUBDIR
-from sijnode.workers.model_records import models_of_job_version
 from tests.conftest import free_port
 from tests.model_files import ct_spec, seeded_checkpoint
 from tests.nodes import node_settings, running_node, send, wait_for
@@ -54,6 +56,16 @@ def ct_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelSpec]
     spec = ct_spec(input_size=64)
     spec = spec.with_thresholds(slice_threshold=0.0, study_threshold=0.5)
     return path, seeded_checkpoint(path, spec, seed=11)
+
+
+def models_of_job_version(session: Session, model_version: str) -> dict[str, ModelRecord]:
+    """The model rows a job's ``model_version`` stands for, by role (what an auditor asks)."""
+    rows = session.execute(
+        select(ModelSetMember.role, ModelRecord)
+        .join(ModelRecord, ModelRecord.version == ModelSetMember.model_version)
+        .where(ModelSetMember.set_version == model_version)
+    ).all()
+    return {role: record for role, record in rows}
 
 
 def _study(index: int, n: int = 6) -> list[Dataset]:
@@ -410,6 +422,8 @@ def test_kill_9_mid_job_runs_the_job_again_with_one_result(
     path, spec = ct_model
     visibility = 5.0
     settings, env = _broker_setup(tmp_path, redis_url, pg_url, path, visibility)
+    # the killed worker's lease lapses after this: then the second worker runs the job
+    env["SIJNODE_BROKER__LEASE_SECONDS"] = "6"
     first = Worker(env, tmp_path / "worker-1.log")
     second: Worker | None = None
     try:
@@ -427,6 +441,8 @@ def test_kill_9_mid_job_runs_the_job_again_with_one_result(
             second = Worker(env, tmp_path / "worker-2.log")
             job = _wait_state(node, second, uid, JobState.REPORTED, 240)
             assert job.attempts == 2
+            # it ran again because the dead worker's lease lapsed, not as a duplicate
+            assert "job lease lapsed" in second.log.read_text()
             states = _states(node.sessions, job.id)
             assert states.count(JobState.RUNNING) == 2 and states[-2:] == [
                 JobState.INFERRED,

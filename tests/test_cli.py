@@ -186,3 +186,42 @@ def test_config_option_reaches_every_part(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"sqlite:///{tmp_path}/from-file.db: revision none")
+
+
+def test_a_group_carries_the_settings_loader_to_its_commands(tmp_path: Path) -> None:
+    """``cli_context.add_group``: the commands of a part's group get this invocation's
+    settings; a group added without the loader says so (ConfigurationError)."""
+    from sijnode.cli_context import add_group, group_settings
+    from sijnode.errors import ConfigurationError
+    from sijnode.settings import load_settings
+
+    seen: list[str] = []
+
+    def make(app: typer.Typer, with_loader: bool) -> None:
+        group = typer.Typer()
+
+        @group.command("site")
+        def site(ctx: typer.Context) -> None:
+            seen.append(group_settings(ctx).node.site)
+
+        @group.command("other")
+        def other() -> None:
+            """A second command, so the group keeps its name."""
+
+        if with_loader:
+            add_group(
+                app, group, "part", lambda *a: load_settings(overrides={"node": {"site": "x"}})
+            )
+        else:
+            app.add_typer(group, name="part")
+
+    for with_loader in (True, False):
+        app = typer.Typer()
+        make(app, with_loader)
+        result = CliRunner().invoke(app, ["part", "site"])
+        if with_loader:
+            assert result.exit_code == 0, result.output
+            assert seen == ["x"]
+        else:
+            assert isinstance(result.exception, ConfigurationError)
+            assert "no settings loader" in str(result.exception)

@@ -26,8 +26,8 @@ from sijnode.daemon.dispatch import SendOutcome
 from sijnode.daemon.node import Node
 from sijnode.daemon.scp import SUCCESS
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import upgrade
-from sijnode.db.records import set_job_state
 from sijnode.db.schema import (
     Association,
     AssociationOutcome,
@@ -321,7 +321,7 @@ def test_running_job_of_a_worker_is_never_sent_again(tmp_path: Path) -> None:
         for key, walk in (("a", (JobState.QUEUED, JobState.RUNNING)), ("b", (JobState.QUEUED,))):
             job = Job(study_id=study.id, job_key=key, route="ct", pipeline="ct", spool_paths=[])
             for state in walk:  # the lifecycle: a running job was queued first
-                set_job_state(s, job, state)
+                transition(s, job, state)
     try:
         assert node.reconciler.owed_at_start() == 1  # b, never sent; a is its worker's
         report = node.reconciler.run_once()  # the broker is down: b fails, nothing sent
@@ -330,7 +330,7 @@ def test_running_job_of_a_worker_is_never_sent_again(tmp_path: Path) -> None:
             a, b = s.scalars(select(Job).order_by(Job.id)).all()
             failed = s.scalars(select(Event).where(Event.type == EventType.JOB_DISPATCH_FAILED))
             assert [e.job_id for e in failed] == [b.id]
-            set_job_state(s, b, JobState.RUNNING)  # claimed since (by a message sent earlier)
+            transition(s, b, JobState.RUNNING)  # claimed since (by a message sent earlier)
         # Read again right before the send: a job claimed meanwhile gets no second message.
         for job_id in (a.id, b.id):
             result = node.dispatcher.send(job_id, node.reconciler._still_owed)
@@ -367,7 +367,7 @@ def test_unclaimed_job_is_sent_again_once_per_period(
             lost = Job(study_id=study.id, job_key="lost", route="ct", pipeline="ct", spool_paths=[])
             fresh = Job(study_id=study.id, job_key="new", route="ct", pipeline="ct", spool_paths=[])
             for job in (lost, fresh):
-                set_job_state(s, job, JobState.QUEUED)
+                transition(s, job, JobState.QUEUED)
             mark_dispatched(s, lost, task_id="gone", at=utcnow() - timedelta(seconds=61))
             mark_dispatched(s, fresh, task_id="waiting", at=utcnow() - timedelta(seconds=30))
         assert node.reconciler.owed_at_start() == 0  # both are with the broker, as far as known

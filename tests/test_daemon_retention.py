@@ -34,7 +34,7 @@ from sijnode.daemon.retention import SpoolState
 from sijnode.daemon.scp import SUCCESS
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
 from sijnode.db.lifecycle import transition
-from sijnode.db.records import as_utc, record_output
+from sijnode.db.records import record_output
 from sijnode.db.schema import (
     Event,
     EventType,
@@ -47,6 +47,7 @@ from sijnode.db.schema import (
     SpoolRemoval,
     Study,
     StudyState,
+    as_utc,
 )
 from sijnode.settings import Settings
 from tests.conftest import free_port

@@ -21,19 +21,21 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import upgrade
 from sijnode.db.pseudonyms import accession_pseudonym, patient_pseudonym
 from sijnode.db.records import (
+    get_or_create_delivery,
     mark_dispatched,
-    record_delivery_attempt,
+    record_delivery_outcome,
     record_output,
     record_prediction,
-    set_job_state,
     supersede_job,
 )
 from sijnode.db.schema import (
     Association,
     AssociationOutcome,
+    DeliveryStatus,
     EventType,
     GroundTruth,
     Instance,
@@ -173,7 +175,7 @@ def add_job(
     )
     session.add(job)
     session.flush()
-    set_job_state(session, job, JobState.QUEUED, "created", at=created)
+    transition(session, job, JobState.QUEUED, "created", at=created)
     record_event(session, EventType.JOB_CREATED, study_id=study.id, job_id=job.id).at = created
     return job
 
@@ -189,7 +191,7 @@ def infer(
 ) -> None:
     """Dispatch at start+1 s, run at +2 s, infer at +10 s with three slice scores."""
     mark_dispatched(session, job, at=start + timedelta(seconds=1))
-    set_job_state(session, job, JobState.RUNNING, at=start + timedelta(seconds=2))
+    transition(session, job, JobState.RUNNING, at=start + timedelta(seconds=2))
     uid = job.series_uids[0]
     record_prediction(
         session,
@@ -202,7 +204,7 @@ def infer(
         aggregation="max",
         at=start + timedelta(seconds=10),
     )
-    set_job_state(session, job, JobState.INFERRED, at=start + timedelta(seconds=10))
+    transition(session, job, JobState.INFERRED, at=start + timedelta(seconds=10))
 
 
 def report(session: Session, job: Job, when: datetime) -> None:
@@ -217,7 +219,31 @@ def report(session: Session, job: Job, when: datetime) -> None:
         None,
         at=when,
     )
-    set_job_state(session, job, JobState.REPORTED, at=when)
+    transition(session, job, JobState.REPORTED, at=when)
+
+
+def deliver(
+    session: Session,
+    job: Job,
+    destination: str,
+    status: DeliveryStatus,
+    *,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+    at: datetime | None = None,
+) -> None:
+    """One delivery attempt, recorded as the delivery scheduler records it."""
+    delivery = get_or_create_delivery(session, job, destination, at=at)
+    outcome = {DeliveryStatus.DELIVERED: "delivered", DeliveryStatus.DEAD: "permanent"}
+    record_delivery_outcome(
+        session,
+        delivery,
+        outcome.get(status, "transient"),
+        status,
+        error=error,
+        next_attempt_at=next_attempt_at,
+        at=at,
+    )
 
 
 def fill_scenario(audit: Audit) -> dict[str, str]:
@@ -268,8 +294,8 @@ def fill_scenario(audit: Audit) -> dict[str, str]:
         job = add_job(s, st, "k1", created=at(50))
         infer(s, job, at(50), 0.91)
         report(s, job, at(62))
-        record_delivery_attempt(s, job, "pacs", success=True, at=at(65))
-        set_job_state(s, job, JobState.DELIVERED, at=at(65))
+        deliver(s, job, "pacs", DeliveryStatus.DELIVERED, at=at(65))
+        transition(s, job, JobState.DELIVERED, at=at(65))
 
         # 2: failed MR job, from another sender and site.
         st = add_study(
@@ -287,8 +313,8 @@ def fill_scenario(audit: Audit) -> dict[str, str]:
             s, st, "k2", created=at(40, 1), pipeline="mr", route="mr-sij", model_version="mr-v1"
         )
         mark_dispatched(s, job, at=at(41, 1))
-        set_job_state(s, job, JobState.RUNNING, at=at(42, 1))
-        set_job_state(s, job, JobState.FAILED, "cannot decode pixel data", at=at(45, 1))
+        transition(s, job, JobState.RUNNING, at=at(42, 1))
+        transition(s, job, JobState.FAILED, "cannot decode pixel data", at=at(45, 1))
 
         # 3: late images; job A (v1) superseded by job B (v2); B's delivery dies.
         st = add_study(
@@ -305,25 +331,23 @@ def fill_scenario(audit: Audit) -> dict[str, str]:
         supersede_job(s, job_a, job_b, "late images", at=at(200, 2))
         infer(s, job_b, at(200, 2), 0.8)
         report(s, job_b, at(212, 2))
-        record_delivery_attempt(
+        deliver(
             s,
             job_b,
             "pacs",
-            success=False,
+            DeliveryStatus.RETRYING,
             error="connection refused",
             next_attempt_at=at(245, 2),
             at=at(215, 2),
         )
-        record_delivery_attempt(
-            s, job_b, "pacs", success=False, error="connection refused", at=at(245, 2)
-        )
-        set_job_state(s, job_b, JobState.FAILED, "delivery dead", at=at(245, 2))
+        deliver(s, job_b, "pacs", DeliveryStatus.DEAD, error="connection refused", at=at(245, 2))
+        transition(s, job_b, JobState.FAILED, "delivery dead", at=at(245, 2))
 
         # 4: shadow mode at the south site; nothing sent.
         st = add_study(s, uids["shadow"], received=at(0, 3), site="south")
         job = add_job(s, st, "k4", created=at(50, 3), shadow=True)
         infer(s, job, at(50, 3), 0.4)
-        set_job_state(s, job, JobState.SHADOW, at=at(61, 3))
+        transition(s, job, JobState.SHADOW, at=at(61, 3))
 
         # 5: still receiving; 6: ignored.
         add_study(s, uids["receiving"], received=at(0, 4), complete_after=None)
@@ -370,8 +394,8 @@ def fill_validation(
                 level="subject",
                 at=at(60 * i + 55),
             )
-            set_job_state(s, job, JobState.RUNNING, at=at(60 * i + 51))
-            set_job_state(s, job, JobState.INFERRED, at=at(60 * i + 55))
+            transition(s, job, JobState.RUNNING, at=at(60 * i + 51))
+            transition(s, job, JobState.INFERRED, at=at(60 * i + 55))
             s.add(GroundTruth(study_instance_uid=uid, label=bool(truth[i]), reader_id="r1"))
     return {"truth": truth, "prob": prob, "pred": prob >= 0.5, "site": site, "version": version}
 

@@ -8,16 +8,18 @@ import pytest
 from sqlalchemy import func, select
 
 from sijnode.db.engine import transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.records import (
+    get_or_create_delivery,
     mark_dispatched,
-    record_delivery_attempt,
+    record_delivery_outcome,
     record_output,
     record_prediction,
-    set_job_state,
     supersede_job,
 )
 from sijnode.db.reid import reidentify, remember_identifiers
 from sijnode.db.schema import (
+    DeliveryAttempt,
     DeliveryStatus,
     Event,
     EventType,
@@ -29,6 +31,7 @@ from sijnode.db.schema import (
     Prediction,
     Reidentification,
     SliceScore,
+    as_utc,
 )
 from sijnode.errors import AuditError
 from sijnode.settings import DatabaseSettings, Settings
@@ -49,12 +52,12 @@ def _job(audit: Audit) -> int:
         return add_job(s, study, "key-7", created=at(50)).id
 
 
-def test_set_job_state_writes_row_transition_and_event(audit: Audit) -> None:
+def test_a_job_transition_writes_row_transition_and_event(audit: Audit) -> None:
     job_id = _job(audit)
     with audit.session() as s:
         job = s.get_one(Job, job_id)
-        set_job_state(s, job, JobState.RUNNING, at=at(52))
-        set_job_state(s, job, JobState.FAILED, "out of memory", at=at(53))
+        transition(s, job, JobState.RUNNING, at=at(52))
+        transition(s, job, JobState.FAILED, "out of memory", at=at(53))
     with audit.session() as s:
         job = s.get_one(Job, job_id)
         assert job.state is JobState.FAILED
@@ -73,7 +76,7 @@ def test_set_job_state_writes_row_transition_and_event(audit: Audit) -> None:
         }
         assert all(e.job_id == job_id and e.study_id == job.study_id for e in events)
         # A manual retry after a failure clears finished_at again.
-        set_job_state(s, job, JobState.QUEUED, "manual retry")
+        transition(s, job, JobState.QUEUED, "manual retry")
         assert job.finished_at is None
 
 
@@ -81,7 +84,7 @@ def test_state_change_and_event_roll_back_together(audit: Audit) -> None:
     job_id = _job(audit)
     with pytest.raises(AuditError), transaction(audit.factory) as s:
         job = s.get_one(Job, job_id)
-        set_job_state(s, job, JobState.RUNNING)
+        transition(s, job, JobState.RUNNING)
         s.add(Job(study_id=job.study_id, job_key="key-7", route="r", pipeline="ct"))  # duplicate
         s.flush()
     with audit.session() as s:
@@ -150,17 +153,21 @@ def test_output_and_delivery_attempts(audit: Audit) -> None:
         job = s.get_one(Job, job_id)
         mark_dispatched(s, job, task_id="celery-1", at=at(51))
         record_output(s, job, OutputKind.SR, SR_CLASS, "2.25.7.9", "2.25.7.8", "out/sr.dcm")
-        d = record_delivery_attempt(
-            s, job, "pacs", success=False, error="refused", next_attempt_at=at(90)
+        d = get_or_create_delivery(s, job, "pacs")
+        record_delivery_outcome(
+            s, d, "transient", DeliveryStatus.RETRYING, error="refused", next_attempt_at=at(90)
         )
         assert (d.status, d.attempts, d.last_error) == (DeliveryStatus.RETRYING, 1, "refused")
-        d = record_delivery_attempt(s, job, "pacs", success=True, sop_instance_uids=["2.25.7.9"])
+        assert as_utc(d.next_attempt_at) == at(90)
+        record_delivery_outcome(
+            s, d, "delivered", DeliveryStatus.DELIVERED, sop_instance_uids=["2.25.7.9"]
+        )
         assert (d.status, d.attempts, d.last_error) == (DeliveryStatus.DELIVERED, 2, None)
         assert d.delivered_at is not None and d.next_attempt_at is None
-        d2 = record_delivery_attempt(s, job, "archive", success=False, error="timeout")
+        assert get_or_create_delivery(s, job, "pacs") is d  # one row per destination
+        d2 = get_or_create_delivery(s, job, "archive")
+        record_delivery_outcome(s, d2, "permanent", DeliveryStatus.DEAD, error="timeout")
         assert d2.status is DeliveryStatus.DEAD
-        with pytest.raises(ValueError, match="error message"):
-            record_delivery_attempt(s, job, "archive", success=False)
     with audit.session() as s:
         job = s.get_one(Job, job_id)
         assert job.dispatched_at is not None
@@ -174,6 +181,12 @@ def test_output_and_delivery_attempts(audit: Audit) -> None:
             ("archive", "dead"),
         ]
         assert attempts[1].detail["sop_instance_uids"] == ["2.25.7.9"]
+        rows = s.scalars(select(DeliveryAttempt).order_by(DeliveryAttempt.id)).all()
+        assert [(r.attempt, r.outcome) for r in rows] == [
+            (1, "transient"),
+            (2, "delivered"),
+            (1, "permanent"),
+        ]
         dispatched = s.scalars(select(Event).where(Event.type == EventType.JOB_DISPATCHED)).one()
         assert dispatched.detail == {"task_id": "celery-1"}
 

@@ -1,7 +1,8 @@
 """Storage Commitment against a pynetdicom peer that reports a failure first: the
 uncommitted object is sent again and commitment asked again; only a report that lists
 every object makes the delivery delivered. The peer opens a new association to the
-node's commitment listener for each N-EVENT-REPORT, as Orthanc does."""
+node's commitment listener for each N-EVENT-REPORT, as Orthanc does. A report for an
+unknown transaction is refused (0x0110) and recorded."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import select
 
-from sijnode.db.schema import Delivery, DeliveryAttempt, DeliveryStatus, utcnow
+from sijnode.db.schema import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Event,
+    EventType,
+    utcnow,
+)
+from sijnode.delivery.commitment import STATUS_PROCESSING_FAILURE
 from sijnode.delivery.objects import COMPREHENSIVE_SR
 from sijnode.delivery.scheduler import DeliveryScheduler
 from tests.conftest import free_port
@@ -222,3 +231,57 @@ def test_the_commitment_listener_takes_only_the_destinations(tmp_path: Path) -> 
     finally:
         scheduler.listener.stop()
     assert outcomes == {"INTRUDER": False, "DEST": True}
+
+
+def test_a_report_for_an_unknown_transaction_is_refused_and_recorded(tmp_path: Path) -> None:
+    """An N-EVENT-REPORT naming a transaction no delivery awaits: answered 0x0110 (the peer
+    sends it again) and recorded as a ``commitment_unknown`` event with who sent it."""
+    report_port = free_port()
+    settings = delivery_settings(
+        tmp_path,
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": "DEST",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "storage_commitment": True,
+            }
+        ],
+        delivery={"commitment_port": report_port},
+    )
+    sessions = sessions_for(settings)
+    scheduler = DeliveryScheduler(settings, sessions)
+    assert scheduler.listener is not None
+    scheduler.listener.start()
+    ds = Dataset()
+    ds.TransactionUID = "2.25.1234567890"
+    item = Dataset()
+    item.ReferencedSOPClassUID = SC
+    item.ReferencedSOPInstanceUID = "2.25.42"
+    ds.ReferencedSOPSequence = [item]
+    try:
+        client = AE(ae_title="DEST")
+        client.add_requested_context(StorageCommitmentPushModel)
+        assoc = client.associate(
+            "127.0.0.1",
+            report_port,
+            ae_title="SIJNODE",
+            ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+        )
+        assert assoc.is_established
+        status, _reply = assoc.send_n_event_report(
+            ds, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+        )
+        assoc.release()
+    finally:
+        scheduler.listener.stop()
+    assert int(status.Status) == STATUS_PROCESSING_FAILURE == 0x0110
+    with sessions() as s:
+        (event,) = s.scalars(select(Event).where(Event.type == EventType.COMMITMENT_UNKNOWN))
+    assert event.detail["transaction_uid"] == "2.25.1234567890"
+    assert event.detail["reason"] == "no delivery awaits this transaction"
+    assert event.detail["committed"] == 1 and event.detail["failed"] == 0
+    assert event.detail["calling_ae_title"] == "DEST"
+    assert event.detail["peer_address"] == "127.0.0.1"
+    assert event.job_id is None

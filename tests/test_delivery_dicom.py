@@ -19,6 +19,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from sijnode.db.lifecycle import transition
 from sijnode.db.schema import (
     Delivery,
     DeliveryAttempt,
@@ -477,7 +478,6 @@ def test_the_sr_in_each_proposed_class_is_validator_clean(tmp_path: Path, sop_cl
 
 def test_a_superseded_job_is_not_sent(tmp_path: Path) -> None:
     from sijnode.db.engine import transaction
-    from sijnode.db.records import set_job_state
 
     port = free_port()
     settings = delivery_settings(tmp_path, destinations=[_dest(port)])
@@ -488,7 +488,7 @@ def test_a_superseded_job_is_not_sent(tmp_path: Path) -> None:
     with transaction(sessions) as s:
         job = s.get(Job, job_id)
         assert job is not None
-        set_job_state(s, job, JobState.SUPERSEDED, "late images")
+        transition(s, job, JobState.SUPERSEDED, "late images")
     with storescp(port, tmp_path / "recv") as out:
         scheduler.run_due()
         assert received(out) == []

@@ -225,7 +225,8 @@ def test_results_return_to_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
     from pydicom import dcmread
 
     from sijnode.db.engine import transaction
-    from sijnode.db.records import record_output, record_prediction, set_job_state
+    from sijnode.db.lifecycle import transition
+    from sijnode.db.records import record_output, record_prediction
     from sijnode.db.schema import OutputKind
     from sijnode.delivery.scheduler import enqueue_job
     from sijnode.synth import generate_mr_study
@@ -270,8 +271,8 @@ def test_results_return_to_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
         with transaction(node.sessions) as s:
             job = s.get(Job, jid)
             assert job is not None
-            set_job_state(s, job, JobState.RUNNING)  # no_model → running → inferred
-            set_job_state(s, job, JobState.INFERRED)
+            transition(s, job, JobState.RUNNING)  # no_model → running → inferred
+            transition(s, job, JobState.INFERRED)
             record_prediction(s, job, 0.9, True, 0.5, level="subject")
             for path in results.files:
                 ds = dcmread(path, stop_before_pixels=True)
@@ -279,7 +280,7 @@ def test_results_return_to_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
                 record_output(
                     s, job, kind, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, str(path)
                 )
-            set_job_state(s, job, JobState.REPORTED)
+            transition(s, job, JobState.REPORTED)
             enqueue_job(s, settings, job)
         _put_modality(orthanc.base, E2E_COMMITMENT_PORT)  # reports go to the listener
         node.delivery.wake()  # the node's own delivery loop sends it

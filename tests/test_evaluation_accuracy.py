@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from sijnode.errors import EvaluationError, SijnodeError
 from sijnode.evaluation.accuracy import (
     METRIC_NAMES,
     accuracy_at_threshold,
@@ -216,3 +218,28 @@ def test_plots_from_plain_data(tmp_path: Path) -> None:
     for path in (roc, calibration):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: binary_metrics([0, 2], [0, 1]), "only 0/1"),
+        (lambda: roc_auc([0, 1], [0.1, float("nan")]), "finite"),
+        (lambda: confusion([0, 1], [0, 1, 1]), "of one length"),
+        (lambda: calibration_table([True], [0.5], n_bins=0), "at least 1 calibration bin"),
+        (lambda: percentile_interval([0.5], confidence=1.5), "confidence level"),
+        (lambda: mean_sd([0.5, 0.6], ddof=-1), "ddof >= 0"),
+        (lambda: summarise_folds([]), "at least one fold"),
+        (
+            lambda: evaluate([0, 1], [0, 1], [0.2, 0.8], n_resamples=5).metric("f2"),
+            "expected a metric of accuracy, sensitivity, .*got 'f2'",
+        ),
+    ],
+)
+def test_bad_arguments_are_sijnode_evaluation_errors(call: Any, message: str) -> None:
+    """What the caller gave is wrong: an EvaluationError (a SijnodeError, so the command line
+    prints one line; still a ValueError for callers that catch that) saying what was
+    expected and what was found."""
+    with pytest.raises(EvaluationError, match=message) as raised:
+        call()
+    assert isinstance(raised.value, SijnodeError) and isinstance(raised.value, ValueError)

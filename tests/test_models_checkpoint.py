@@ -20,6 +20,7 @@ from sijnode.models.checkpoint import (
     read_spec,
     save_checkpoint,
     verify_checkpoint,
+    weights_misfit,
 )
 from sijnode.models.spec import ModelSpec, ct_spec, localizer_spec, mr_spec
 
@@ -175,6 +176,42 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
     spec = localizer_spec(size=64)
     path = tmp_path / "bad.safetensors"
     save_checkpoint(path, spec, {"features.0.weight": torch.zeros(3, 3)})
-    verify_checkpoint(path)  # the file itself is intact
-    with pytest.raises(CheckpointError, match="do not fit architecture"):
+    verify_checkpoint(path)  # the file itself is intact (header checks, no torch)
+    with pytest.raises(CheckpointError, match="do not fit architecture") as refused:
+        verify_checkpoint(path, fit=True)  # built on the meta device: the tensors differ
+    assert "missing: features.1.bias" in str(refused.value)
+    assert "1 of another shape: features.0.weight [3, 3] (expected [16, 1, 3, 3])" in str(
+        refused.value
+    )
+    with pytest.raises(CheckpointError, match="do not fit architecture") as refused:
         load_model(path)
+    assert "features.0.weight [3, 3]" in str(refused.value)
+
+
+def test_a_comparison_architecture_over_other_weights_is_refused(tmp_path: Path) -> None:
+    """A spec that names vgg16 over a localiser's weights: verify with ``fit`` refuses and
+    says which tensors differ; the same weights under their own spec pass."""
+    loc = localizer_spec(size=64)
+    state = seeded_state_dict(loc, 1)
+    path = tmp_path / "vgg.safetensors"
+    save_checkpoint(path, ct_spec(name="ct-vgg16", architecture="vgg16"), state)
+    verify_checkpoint(path, "ct_slice_classifier")  # hash, length, task: all fine
+    with pytest.raises(CheckpointError) as refused:
+        verify_checkpoint(path, "ct_slice_classifier", fit=True)
+    message = str(refused.value)
+    assert "the weights do not fit architecture 'vgg16'" in message
+    assert "missing: classifier.0.bias" in message
+    assert "unexpected: features.0.weight" not in message  # vgg16 has it too: other shape
+    assert "of another shape: features.0.weight [16, 1, 3, 3] (expected [64, 3, 3, 3])" in message
+    assert "unexpected: features.1.bias" in message  # a batch norm: vgg16 has none
+    own = tmp_path / "loc.safetensors"
+    save_checkpoint(own, loc, state)
+    assert verify_checkpoint(own, fit=True).architecture == "localizer_cnn_v1"
+
+
+def test_weights_misfit_lists_a_few_names_then_a_count() -> None:
+    expected = {f"t{i:02d}": (2,) for i in range(12)}
+    assert weights_misfit(expected, dict(expected)) is None
+    text = weights_misfit(expected, {"t00": (3,), "extra": (1,)}) or ""
+    assert text.startswith("11 missing: t01, t02, t03, t04, t05, t06, t07, t08 (+3 more)")
+    assert "1 unexpected: extra" in text and "1 of another shape: t00 [3] (expected [2])" in text

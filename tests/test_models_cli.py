@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select
@@ -20,9 +21,15 @@ from sijnode.db.migrate import upgrade
 from sijnode.db.schema import ModelRecord
 from sijnode.errors import CheckpointError
 from sijnode.models import cli as models_cli
-from sijnode.models.checkpoint import SPEC_KEY
+from sijnode.models.checkpoint import SPEC_KEY, save_checkpoint
 from sijnode.settings import load_settings
-from tests.model_files import ct_spec, localizer_spec, mr_spec, tiny_checkpoint
+from tests.model_files import (
+    ct_spec,
+    localizer_spec,
+    mr_spec,
+    tiny_checkpoint,
+    zero_checkpoint,
+)
 
 
 def _app() -> typer.Typer:
@@ -60,7 +67,7 @@ def _refused(result: Result, *needles: str) -> str:
 
 def test_import_list_show_verify(env: Path, tmp_path: Path, db_url: str) -> None:
     source = tmp_path / "ct.safetensors"
-    spec = tiny_checkpoint(source, ct_spec())
+    spec = zero_checkpoint(source, ct_spec())
     result = _run("import", str(source), "--task", "ct")
     assert result.exit_code == 0, result.output
     assert f"imported {spec.version}" in result.output
@@ -122,9 +129,42 @@ def test_wrong_task_is_refused(env: Path, tmp_path: Path) -> None:
     tiny_checkpoint(path, mr_spec())
     _refused(_run("import", str(path), "--task", "ct"), "wrong task", "'ct_slice_classifier'")
     loc = tmp_path / "loc.safetensors"
-    tiny_checkpoint(loc, localizer_spec())
+    zero_checkpoint(loc, localizer_spec())
     _refused(_run("verify", str(loc), "--task", "mr"), "wrong task", "'mr_roi_classifier'")
     assert _run("import", str(loc), "--task", "si_joint_localizer").exit_code == 0
+
+
+def test_weights_that_do_not_fit_the_named_architecture_are_refused(
+    env: Path, tmp_path: Path
+) -> None:
+    """A spec that names a comparison architecture (vgg16) over weights of another network,
+    and a localiser whose head has the wrong shape: import and verify refuse, naming the
+    tensors that differ; nothing is imported."""
+    vgg = tmp_path / "vgg.safetensors"
+    # a vgg16 spec over the localiser's weights (a valid file: hash and all)
+    spec = ct_spec(name="ct-vgg16", architecture="vgg16")
+    zero_checkpoint(tmp_path / "loc.safetensors", localizer_spec())
+    save_checkpoint(vgg, spec, load_file(str(tmp_path / "loc.safetensors")))
+    message = _refused(
+        _run("import", str(vgg)),
+        "do not fit architecture 'vgg16'",
+        "missing: classifier.0.bias",
+        "unexpected: features.1.bias",
+        "of another shape: features.0.weight [16, 1, 3, 3] (expected [64, 3, 3, 3])",
+    )
+    assert "(+" in message, "a long list is cut, with a count"
+    _refused(_run("verify", str(vgg)), "do not fit architecture 'vgg16'")
+    assert not (env / "models").exists() or not list((env / "models").iterdir())
+    # one tensor of another shape
+    loc_spec = localizer_spec()
+    state = load_file(str(tmp_path / "loc.safetensors"))
+    state["head.3.weight"] = torch.zeros(8, 32)
+    bad = tmp_path / "bad-loc.safetensors"
+    save_checkpoint(bad, loc_spec, state)
+    _refused(
+        _run("import", str(bad)),
+        "1 of another shape: head.3.weight [8, 32] (expected [8, 64])",
+    )
 
 
 def test_truncated_file_is_refused(env: Path, tmp_path: Path) -> None:

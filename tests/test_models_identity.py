@@ -51,6 +51,26 @@ def test_identity_is_the_header_version_and_notices_a_new_file(tmp_path: Path) -
         ids("ct")
 
 
+def test_usable_says_whether_a_pipeline_has_a_model_set_it_can_use(tmp_path: Path) -> None:
+    """One answer for the node and the embedded worker: any configuration error is no."""
+    ct = tmp_path / "ct.safetensors"
+    tiny_checkpoint(ct, ct_spec())
+    mr = tmp_path / "mr.safetensors"
+    tiny_checkpoint(mr, mr_spec())
+    ids = _ids(
+        tmp_path,
+        ct=PipelineSettings(model=str(ct)),
+        mr=PipelineSettings(model=str(mr)),  # no localizer: NoModelError
+        gone=PipelineSettings(model=str(tmp_path / "missing.safetensors")),
+    )
+    assert ids.usable("ct")
+    assert not ids.usable("mr") and not ids.usable("gone") and not ids.usable("unknown")
+    with pytest.raises(NoModelError):
+        ids("mr")
+    with pytest.raises(ConfigurationError):
+        ids("gone")
+
+
 def test_identity_of_an_imported_version(tmp_path: Path) -> None:
     spec = ct_spec()
     staged = tmp_path / "staged.safetensors"

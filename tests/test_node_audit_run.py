@@ -20,9 +20,14 @@ from pynetdicom import AE
 from sqlalchemy import inspect, select, text
 
 from sijnode.db.engine import make_engine, make_sessionmaker, transaction
+from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import upgrade
-from sijnode.db.records import record_delivery_attempt, record_prediction, set_job_state
-from sijnode.db.schema import Job, JobState, Study
+from sijnode.db.records import (
+    get_or_create_delivery,
+    record_delivery_outcome,
+    record_prediction,
+)
+from sijnode.db.schema import DeliveryStatus, Job, JobState, Study
 from sijnode.synth import generate_ct_study, generate_mr_study, write_study
 from tests.conftest import free_port, require_tool
 from tests.nodes import wait_for
@@ -120,8 +125,8 @@ def test_real_run_then_audit_queries_without_identifiers(tmp_path: Path, db_url:
             positive = next(
                 x.positive for x in studies if x.study_instance_uid == study.study_instance_uid
             )
-            set_job_state(s, job, JobState.RUNNING)  # the worker, now with a model
-            set_job_state(s, job, JobState.INFERRED)
+            transition(s, job, JobState.RUNNING)  # the worker, now with a model
+            transition(s, job, JobState.INFERRED)
             record_prediction(
                 s,
                 job,
@@ -131,9 +136,10 @@ def test_real_run_then_audit_queries_without_identifiers(tmp_path: Path, db_url:
                 level="study",
                 slice_scores=[("1.2.3", 0.5)],
             )
-            set_job_state(s, job, JobState.REPORTED)
-            record_delivery_attempt(s, job, "pacs", success=True)
-            set_job_state(s, job, JobState.DELIVERED)
+            transition(s, job, JobState.REPORTED)
+            delivery = get_or_create_delivery(s, job, "pacs")
+            record_delivery_outcome(s, delivery, "delivered", DeliveryStatus.DELIVERED)
+            transition(s, job, JobState.DELIVERED)
             truth_rows.append(
                 {
                     "study_instance_uid": study.study_instance_uid,

@@ -1044,3 +1044,56 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent is no package
+        return False
+
+
+def _stale_setting_names(text: str) -> list[str]:
+    """Setting names in backticks (``section.key``, ``pipelines.<name>.key``) of ``text``
+    that the Settings model does not have; module paths and file names are passed over."""
+    keys = _leaf_generic_keys() | _all_generic_keys()
+    sections = sorted({k.split(".")[0].split("[")[0] for k in keys})
+    pattern = re.compile(r"`(" + "|".join(sections) + r")((?:\.[A-Za-z_<>]+|\[\d*\])+)[` =]")
+    stale = []
+    for match in pattern.finditer(text):
+        section, rest = match.group(1), re.sub(r"\[\d*\]", "[]", match.group(2))
+        parts = f"{section}{rest}".split(".")
+        if section == "pipelines" and len(parts) >= 2:
+            parts[1] = "<name>"
+        key = ".".join(parts)
+        if key in keys or any(k.startswith((f"{key}.", f"{key}[")) for k in keys):
+            continue
+        if re.search(r"\.(md|py|csv|json|crt|key|png|toml)$", key):
+            continue
+        if any(_is_module(f"sijnode.{name}") for name in (key, key.rsplit(".", 1)[0])):
+            continue  # a module path (delivery.scheduler.enqueue_job)
+        stale.append(key)
+    return stale
+
+
+def test_the_docs_name_only_settings_that_exist() -> None:
+    """README.md and docs/*.md: every setting named in backticks is a key of the model
+    (a renamed setting, such as pipelines.<name>.checkpoint -> model, is caught here)."""
+    assert _stale_setting_names("a `pipelines.<name>.checkpoint` and `node.prot = 1`") == [
+        "pipelines.<name>.checkpoint",
+        "node.prot",
+    ]
+    assert (
+        _stale_setting_names(
+            "`pipelines.ct.model`, `delivery.scheduler.enqueue_job`, `reports.build`"
+        )
+        == []
+    )
+    found = {
+        str(path.relative_to(ROOT)): stale
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        if (stale := _stale_setting_names(path.read_text(encoding="utf-8")))
+    }
+    assert found == {}

@@ -5,9 +5,13 @@ fails the job with the reason and the worker goes on."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pydicom
+import pytest
 from sqlalchemy import select
 
 from sijnode.db.engine import transaction
@@ -24,11 +28,14 @@ from sijnode.db.schema import (
     PredictionDetail,
     Study,
 )
+from sijnode.errors import UnknownJobError
 from sijnode.settings import Settings, load_settings
 from sijnode.workers.context import make_worker_context
 from sijnode.workers.inference import RESULTS_SUBDIR, save_result_files
 from sijnode.workers.jobs import WorkerContext, execute_job
-from sijnode.workers.reporting import outputs_dir
+from sijnode.workers.messages import JobMessage
+from sijnode.workers.reporting import outputs_dir, report_job
+from tests.nodes import wait_for
 from tests.test_reports_inputs import Case, ct_case
 
 
@@ -222,3 +229,192 @@ def test_a_node_that_starts_reports_and_delivers_a_job_left_inferred(tmp_path: P
         "1.2.840.10008.5.1.4.1.1.7",
         "1.2.840.10008.5.1.4.1.1.88.33",
     ]
+
+
+def _break_saved_result(ctx: WorkerContext, case: Case, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A result.json whose slices are not a list: its reader raises TypeError."""
+    path = ctx.settings.data_dir / RESULTS_SUBDIR / case.job_key / "result.json"
+    data = json.loads(path.read_text())
+    data["slices"] = 5
+    path.write_text(json.dumps(data))
+    return "report: TypeError: "
+
+
+def _break_builder(ctx: WorkerContext, case: Case, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A bug in the SR/SC builders (not a ReportError)."""
+    import sijnode.reports.build
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("builder bug")
+
+    monkeypatch.setattr(sijnode.reports.build, "build_outputs", broken)
+    return "report: ZeroDivisionError: builder bug"
+
+
+def _break_deliveries(ctx: WorkerContext, case: Case, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The deliveries cannot be queued, after the outputs were written."""
+    import sijnode.delivery.scheduler
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("no such destination")
+
+    monkeypatch.setattr(sijnode.delivery.scheduler, "enqueue_job", broken)
+    return "report: KeyError: 'no such destination'"
+
+
+@pytest.mark.parametrize("inject", [_break_saved_result, _break_builder, _break_deliveries])
+def test_an_unexpected_error_of_the_report_step_fails_the_job_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inject: Any
+) -> None:
+    """Any exception of the report step, at each point it can happen, moves the job from
+    ``inferred`` to ``failed`` with the reason (never left ``inferred``); nothing of it is
+    recorded, and the worker reports the next job as usual."""
+    ctx = make_worker_context(_settings(tmp_path))
+    case = ct_case(tmp_path / "src", n_slices=4, n_explained=1)
+    job_id = _inferred_job(ctx, case)
+    with monkeypatch.context() as patch:
+        expected = inject(ctx, case, patch)
+        assert report_job(ctx, job_id) is JobState.FAILED
+    with ctx.sessions() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state is JobState.FAILED
+        assert (job.error or "").startswith(expected), job.error
+        assert s.scalars(select(Output).where(Output.job_id == job_id)).all() == []
+        assert s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all() == []
+    other = ct_case(tmp_path / "src2", n_slices=4, subject=3, n_explained=1)
+    assert execute_job(ctx, _inferred_job(ctx, other)) is JobState.REPORTED
+
+
+def _queued_job(ctx: WorkerContext, key: str) -> int:
+    with transaction(ctx.sessions) as s:
+        study = Study(study_instance_uid=f"2.25.{uuid.uuid4().int}", site="t")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, job_key=key, route="r", pipeline="ct", spool_paths=[])
+        s.add(job)
+        s.flush()
+        transition(s, job, JobState.QUEUED)
+        return job.id
+
+
+def test_an_unexpected_error_outside_the_pipeline_fails_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error of the job code itself (here the input check raising something else than
+    MixedInputsError) fails the job with the reason instead of leaving it queued."""
+    import sijnode.workers.jobs
+
+    ctx = make_worker_context(_settings(tmp_path))
+    job_id = _queued_job(ctx, "broken")
+
+    def broken(session: object, job: Job) -> None:
+        raise AttributeError("input check bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sijnode.workers.jobs, "check_job_inputs", broken)
+        assert execute_job(ctx, job_id) is JobState.FAILED
+    with ctx.sessions() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state is JobState.FAILED
+        assert job.error == "AttributeError: input check bug"
+    assert execute_job(ctx, _queued_job(ctx, "next")) is JobState.NO_MODEL
+    with pytest.raises(UnknownJobError, match="expected job 999999 in the audit database"):
+        execute_job(ctx, 999_999)  # nothing to fail: the caller hears of it
+    with pytest.raises(UnknownJobError, match="found no such job"):
+        report_job(ctx, 999_999)
+
+
+def test_the_embedded_feeder_fails_a_job_whose_run_raised_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feeder (no model: it runs the bookkeeping itself) survives a run that raised
+    and an ``on_done`` callback that raised; the job is failed with the reason."""
+    import sijnode.workers.embedded as embedded
+
+    ctx = make_worker_context(_settings(tmp_path))
+    broken_id = _queued_job(ctx, "broken")
+    next_id = _queued_job(ctx, "next")
+    real = embedded.execute_job
+
+    def execute(c: WorkerContext, job_id: int) -> JobState:
+        if job_id == broken_id:
+            raise TypeError("worker bug")
+        return real(c, job_id)
+
+    done: list[int] = []
+
+    def on_done(job_id: int) -> None:
+        done.append(job_id)
+        if job_id == broken_id:
+            raise RuntimeError("callback bug")
+
+    monkeypatch.setattr(embedded, "execute_job", execute)
+    worker = embedded.EmbeddedWorker(ctx)
+    worker.on_done = on_done
+    worker.start()
+    try:
+        for job_id in (broken_id, next_id):
+            worker.send(JobMessage(job_id=job_id, pipeline="ct", spool_paths=[]))
+        wait_for(lambda: len(done) == 2, timeout=30)
+    finally:
+        worker.stop()
+    assert worker.child_pid is None, "no model: no child"
+    with ctx.sessions() as s:
+        broken = s.get_one(Job, broken_id)
+        assert broken.state is JobState.FAILED
+        assert broken.error == "embedded worker: TypeError: worker bug"
+        assert s.get_one(Job, next_id).state is JobState.NO_MODEL
+
+
+def test_the_embedded_child_answers_an_error_and_runs_the_next_job(tmp_path: Path) -> None:
+    """The real child process: a job it cannot run is answered as an error with the
+    reason, and the same child runs the next job."""
+    from sijnode.workers.embedded import _Child
+
+    settings = _settings(tmp_path)
+    ctx = make_worker_context(settings)
+    job_id = _queued_job(ctx, "child")
+    child = _Child(settings.model_dump_json(), None)
+    try:
+        state, error = child.run(999_999) or ("died", None)
+        assert state == "error" and "expected job 999999 in the audit" in (error or "")
+        pid = child.process.pid
+        assert child.run(job_id) == (JobState.NO_MODEL.value, None)
+        assert child.process.pid == pid and child.process.is_alive()
+    finally:
+        child.stop(30)
+
+
+def test_a_report_only_job_is_built_in_the_embedded_child_not_the_listener(
+    tmp_path: Path,
+) -> None:
+    """A job left ``inferred`` whose model is gone: the feeder hands it to a child (started
+    for it), which builds and records the report; the listener's own context built none."""
+    from sijnode.workers.embedded import EmbeddedWorker
+
+    ctx = make_worker_context(_settings(tmp_path))
+    job_id = _inferred_job(ctx, ct_case(tmp_path / "src", n_slices=4, n_explained=1))
+    waiting = _queued_job(ctx, "no-model")
+    worker = EmbeddedWorker(ctx)
+    done: list[int] = []
+    worker.on_done = done.append
+    worker.start()
+    try:
+        assert worker.child_pid is None, "no pipeline has a model: no child at start"
+        worker.send(JobMessage(job_id=waiting, pipeline="ct", spool_paths=[]))
+        wait_for(lambda: done == [waiting], timeout=30)
+        assert worker.child_pid is None, "no_model bookkeeping needs no child"
+        worker.send(JobMessage(job_id=job_id, pipeline="ct", spool_paths=[]))
+        wait_for(lambda: len(done) == 2, timeout=120)
+        assert worker.child_pid is not None, "the report ran in a child"
+    finally:
+        worker.stop()
+    with ctx.sessions() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state is JobState.REPORTED, job.error
+        assert len(s.scalars(select(Output).where(Output.job_id == job_id)).all()) == 2
+        assert s.get_one(Job, waiting).state is JobState.NO_MODEL
+    reports_here = ctx.metrics.registry.get_sample_value(
+        "sijnode_worker_stage_seconds_count", {"pipeline": "ct", "stage": "report"}
+    )
+    assert not reports_here, "the listener's context built a report"

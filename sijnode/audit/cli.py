@@ -20,6 +20,7 @@ from sijnode.audit.filters import AuditFilter
 from sijnode.audit.options import FormatOpt, LimitOpt, filter_options
 from sijnode.audit.render import FileFormat as ExportFormat
 from sijnode.audit.render import OutputFormat as Format
+from sijnode.cli_context import audit_session
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -106,17 +107,8 @@ class AuditCommands:
     @contextmanager
     def _session(self) -> Iterator[Session]:
         """A session on the configured audit database, after the schema check."""
-        from sijnode.db.engine import make_engine, make_sessionmaker, transaction
-        from sijnode.db.migrate import check_schema_current
-
-        settings = self._settings()
-        engine = make_engine(settings.database.url, echo=settings.database.echo)
-        try:
-            check_schema_current(engine)
-            with transaction(make_sessionmaker(engine)) as session:
-                yield session
-        finally:
-            engine.dispose()
+        with audit_session(self._settings()) as session:
+            yield session
 
     # ----------------------------------------------------------------------- listings
 

@@ -18,7 +18,6 @@ from sqlalchemy import Select, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from sijnode.audit.filters import AuditFilter
-from sijnode.db.records import as_utc
 from sijnode.db.schema import (
     Association,
     AssociationOutcome,
@@ -37,6 +36,7 @@ from sijnode.db.schema import (
     SliceScore,
     Study,
     StudyState,
+    as_utc,
 )
 from sijnode.errors import AuditError
 

@@ -21,8 +21,7 @@ from sqlalchemy.orm import Session
 
 from sijnode.audit.filters import AuditFilter
 from sijnode.audit.queries import RESULT_LEVELS, job_conditions, studies_select, truth_consensus
-from sijnode.db.records import as_utc
-from sijnode.db.schema import Job, JobState, Prediction, Series, Study
+from sijnode.db.schema import Job, JobState, Prediction, Series, Study, as_utc
 from sijnode.evaluation.report import MetricsReport, evaluate
 
 

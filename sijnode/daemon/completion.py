@@ -25,8 +25,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sijnode.db.records import as_utc
-from sijnode.db.schema import Instance, Series, Study
+from sijnode.db.schema import Instance, Series, Study, as_utc
 from sijnode.settings import CompletionSettings
 
 

@@ -111,7 +111,7 @@ class Node:
             settings.broker,
             self.metrics,
             can_lose_messages=self.queue.can_lose_messages,
-            has_model=self._has_model,
+            has_model=self.models.usable,
             live_peers=self._live_peers,
         )
         self._draining: ThreadedAssociationServer | None = None  # closed, associations open
@@ -309,12 +309,6 @@ class Node:
                 record_event(session, EventType.RECOVERY, **report.__dict__)
             log.info("recovered after restart", extra=fields(**report.__dict__))
         return report
-
-    def _has_model(self, pipeline: str) -> bool:
-        try:
-            return self.models(pipeline) is not None
-        except SijnodeError:
-            return False
 
     # -- study completion -----------------------------------------------------------------
 

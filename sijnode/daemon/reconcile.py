@@ -40,7 +40,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from sijnode.daemon.dispatch import Dispatcher, SendOutcome
 from sijnode.daemon.metrics import NodeMetrics
 from sijnode.db.engine import record_event, transaction
-from sijnode.db.records import as_utc
 from sijnode.db.schema import (
     Association,
     AssociationOutcome,
@@ -49,6 +48,7 @@ from sijnode.db.schema import (
     Instance,
     Job,
     JobState,
+    as_utc,
     utcnow,
 )
 from sijnode.errors import SijnodeError

@@ -65,7 +65,6 @@ from sijnode.daemon.metrics import NodeMetrics
 from sijnode.daemon.spool import Spool
 from sijnode.db.engine import record_event, transaction
 from sijnode.db.lifecycle import TERMINAL_JOB_STATES
-from sijnode.db.records import as_utc
 from sijnode.db.schema import (
     EventType,
     Instance,
@@ -77,6 +76,7 @@ from sijnode.db.schema import (
     SpoolRemoval,
     Study,
     StudyState,
+    as_utc,
     utcnow,
 )
 from sijnode.errors import SijnodeError

@@ -29,7 +29,7 @@ import enum
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Generic, TypeVar, overload
 
 from sqlalchemy.orm import Session
@@ -43,6 +43,7 @@ from sijnode.db.schema import (
     JobTransition,
     Study,
     StudyState,
+    as_utc,
     utcnow,
 )
 from sijnode.errors import TransitionError
@@ -109,7 +110,7 @@ JOB = Lifecycle[JobState](
         (JobState.QUEUED, JobState.RUNNING): "a worker claimed it",
         (JobState.QUEUED, JobState.FAILED): "its inputs failed the check before it ran",
         (JobState.QUEUED, JobState.SUPERSEDED): _SUPERSEDED,
-        (JobState.RUNNING, JobState.RUNNING): "run again: the worker holding it was lost",
+        (JobState.RUNNING, JobState.RUNNING): "run again: the lease of the run holding it lapsed",
         (JobState.RUNNING, JobState.INFERRED): "the pipeline recorded its prediction",
         (JobState.RUNNING, JobState.NO_MODEL): "no model configured for its pipeline: waits",
         (JobState.RUNNING, JobState.FAILED): "the pipeline raised or its inputs were refused",
@@ -144,10 +145,6 @@ _STUDY_EVENTS = {
     StudyState.DISPATCHED: EventType.STUDY_DISPATCHED,
     StudyState.IGNORED: EventType.STUDY_IGNORED,
 }
-
-
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _flush_for_id(session: Session, row: Study | Job) -> int:
@@ -199,7 +196,7 @@ def transition(
     its state is then None, and only the creation move is allowed. Returns the job's
     transition row or the study's event.
     """
-    when = utcnow() if at is None else _as_utc(at)
+    when = utcnow() if at is None else as_utc(at)
     if isinstance(row, Job):
         return _move_job(session, row, JobState(to), detail, when, event_detail)
     if isinstance(row, Study):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import select
@@ -26,11 +26,11 @@ from sijnode.db.schema import (
     EventType,
     Job,
     JobState,
-    JobTransition,
     Output,
     OutputKind,
     Prediction,
     SliceScore,
+    as_utc,
     utcnow,
 )
 
@@ -44,13 +44,6 @@ class SliceScoreInput(NamedTuple):
     sop_instance_uid: str
     score: float
     filtered_score: float | None = None
-
-
-def as_utc(value: datetime) -> datetime:
-    """Return ``value`` as an aware UTC datetime; naive values (SQLite) are taken as UTC."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _when(at: datetime | None) -> datetime:
@@ -74,18 +67,6 @@ def _ensure_id(session: Session, job: Job) -> int:
         session.add(job)
         session.flush()
     return job.id
-
-
-def set_job_state(
-    session: Session,
-    job: Job,
-    state: JobState,
-    detail: str | None = None,
-    *,
-    at: datetime | None = None,
-) -> JobTransition:
-    """Move ``job`` to ``state``: a thin alias of :func:`sijnode.db.lifecycle.transition`."""
-    return transition(session, job, JobState(state), detail, at=at)
 
 
 def mark_dispatched(
@@ -252,56 +233,6 @@ def get_or_create_delivery(
         )
         session.add(delivery)
         session.flush()
-    return delivery
-
-
-def record_delivery_attempt(
-    session: Session,
-    job: Job,
-    destination: str,
-    *,
-    success: bool,
-    error: str | None = None,
-    next_attempt_at: datetime | None = None,
-    sop_instance_uids: Sequence[str] = (),
-    at: datetime | None = None,
-) -> Delivery:
-    """Record one try to send ``job``'s outputs to ``destination``.
-
-    Success marks the delivery delivered. A failure with ``next_attempt_at`` marks it
-    retrying; a failure without one marks it dead (the caller decides when to give up).
-    """
-    if not success and not error:
-        raise ValueError("expected an error message for a failed delivery attempt, got none")
-    when = _when(at)
-    delivery = get_or_create_delivery(session, job, destination, at=at)
-    delivery.attempts = (delivery.attempts or 0) + 1
-    if success:
-        delivery.status = DeliveryStatus.DELIVERED
-        delivery.delivered_at = when
-        delivery.next_attempt_at = None
-        delivery.last_error = None
-    else:
-        delivery.last_error = error
-        if next_attempt_at is None:
-            delivery.status = DeliveryStatus.DEAD
-            delivery.next_attempt_at = None
-        else:
-            delivery.status = DeliveryStatus.RETRYING
-            delivery.next_attempt_at = as_utc(next_attempt_at)
-    event = record_event(
-        session,
-        EventType.DELIVERY_ATTEMPT,
-        study_id=job.study_id,
-        job_id=job.id,
-        delivery_id=delivery.id,
-        destination=destination,
-        attempt=delivery.attempts,
-        success=bool(success),
-        status=delivery.status.value,
-        **_extra(error=error, sop_instance_uids=list(sop_instance_uids)),
-    )
-    event.at = when
     return delivery
 
 

@@ -45,6 +45,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """Return ``value`` as an aware UTC datetime; naive values (SQLite) are taken as UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     """Declarative base with a stable constraint naming convention for migrations."""
 
@@ -139,6 +146,8 @@ class EventType(enum.StrEnum):
     JOB_DISPATCH_FAILED = "job_dispatch_failed"
     SPOOL_PURGED = "spool_purged"
     INSTANCE_RESTORED = "instance_restored"
+    #: A Storage Commitment N-EVENT-REPORT for a transaction no delivery awaits.
+    COMMITMENT_UNKNOWN = "commitment_unknown"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -290,6 +299,11 @@ class Job(Base):
     worker_host: Mapped[str | None] = mapped_column(String(128))
     device: Mapped[str | None] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The worker run that holds the job now (a random token per claim), and until when:
+    #: the holder renews it while it runs; a lapsed lease means the holder died
+    #: (docs/workers.md, "One run at a time").
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    lease_expires_at: Mapped[datetime | None]
     stage_timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

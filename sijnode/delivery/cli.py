@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from sijnode.cli_context import add_group, group_settings
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from sijnode.settings import Settings, SettingsLoader
+    from sijnode.settings import SettingsLoader
 
 deliveries_app = typer.Typer(help="Deliveries to PACS: the queue and the dead letters.")
 
@@ -27,24 +29,10 @@ class State(enum.StrEnum):
     shadow = "shadow"
 
 
-class _Loader:
-    """The settings loader the root passes in, carried by the group's context."""
-
-    def __init__(self, settings: SettingsLoader) -> None:
-        self.settings = settings
-
-
 def register(app: typer.Typer, settings: SettingsLoader) -> None:
     """Add ``deliveries`` to the ``sijnode`` app; ``settings`` loads this invocation's
     settings."""
-    app.add_typer(deliveries_app, name="deliveries", context_settings={"obj": _Loader(settings)})
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    loader = ctx.find_object(_Loader)
-    if loader is None:  # pragma: no cover - register() always sets it
-        raise RuntimeError("sijnode deliveries: no settings loader (use sijnode.cli)")
-    return loader.settings()
+    add_group(app, deliveries_app, "deliveries", settings)
 
 
 @deliveries_app.command("list")
@@ -59,7 +47,7 @@ def list_deliveries(
     from sijnode.db.engine import transaction
     from sijnode.db.schema import Delivery, DeliveryStatus, Job, Study
 
-    settings = _settings(ctx)
+    settings = group_settings(ctx)
     sessions = _sessions(settings.database.url)
     with transaction(sessions) as session:
         query = (
@@ -127,7 +115,7 @@ def retry(
         raise DeliveryError(
             "expected delivery ids or --all-dead (one of the two), got both or neither"
         )
-    settings = _settings(ctx)
+    settings = group_settings(ctx)
     sessions = _sessions(settings.database.url)
     with transaction(sessions) as session:
         queued = [d.id for d in requeue(session, ids or [], all_dead=all_dead)]

@@ -10,6 +10,7 @@ A delivery counts as committed only when the report lists every object it sent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -49,9 +50,13 @@ class CommitmentReport:
     transaction_uid: str
     committed: tuple[str, ...]
     failed: tuple[tuple[str, int | None], ...]
+    #: Who sent it: the requestor of the association that carried it (for the audit).
+    calling_ae_title: str = ""
+    peer_address: str = ""
 
 
-#: Records a report; returns False when it names no transaction this node awaits.
+#: Records a report; returns False when it names no transaction this node awaits (it
+#: records that too, as a ``commitment_unknown`` event).
 ReportCallback = Callable[[CommitmentReport], bool]
 
 
@@ -127,6 +132,12 @@ class CommitmentReportHandler:
         if request.EventTypeID not in (EVENT_ALL_COMMITTED, EVENT_FAILURES_EXIST):
             return 0x0113, None  # No such event type
         report = parse_report(event.event_information)
+        requestor = event.assoc.requestor
+        report = dataclasses.replace(
+            report,
+            calling_ae_title=str(requestor.ae_title or "").strip(),
+            peer_address=str(requestor.address or ""),
+        )
         try:
             known = self.on_report(report)
         except (SijnodeError, SQLAlchemyError):  # not recorded: the peer sends it again

@@ -28,12 +28,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.db.engine import record_event, transaction
-from sijnode.db.records import (
-    as_utc,
-    get_or_create_delivery,
-    record_delivery_outcome,
-    set_job_state,
-)
+from sijnode.db.lifecycle import transition
+from sijnode.db.records import get_or_create_delivery, record_delivery_outcome
 from sijnode.db.schema import (
     Delivery,
     DeliveryStatus,
@@ -43,6 +39,7 @@ from sijnode.db.schema import (
     Output,
     OutputKind,
     Prediction,
+    as_utc,
     utcnow,
 )
 from sijnode.delivery.commitment import (
@@ -174,7 +171,7 @@ def enqueue_job(
             delivery.next_attempt_at = now
         out.append(delivery)
     if shadow and job.state in _DELIVERABLE_JOB_STATES:
-        set_job_state(session, job, JobState.SHADOW, "shadow mode: nothing sent", at=now)
+        transition(session, job, JobState.SHADOW, "shadow mode: nothing sent", at=now)
     log.info(
         "deliveries queued",
         extra=fields(
@@ -193,7 +190,7 @@ def finish_job_if_delivered(session: Session, job: Job, *, at: datetime | None =
         return False
     if any(d.status is not DeliveryStatus.DELIVERED for d in deliveries):
         return False
-    set_job_state(
+    transition(
         session,
         job,
         JobState.DELIVERED,
@@ -599,17 +596,51 @@ class DeliveryScheduler:
                     )
                 ).first()
                 if delivery is None:
-                    self.metrics.commitments.labels(result="unknown").inc()
+                    self._record_unknown(session, report, "no delivery awaits this transaction")
                     return False
                 if delivery.committed_at is not None:
                     return True  # the same report twice
                 if delivery.status is DeliveryStatus.COMMITTING:
                     self._apply_report(session, delivery, report)
                     return True
-            if time.monotonic() > deadline:
-                self.metrics.commitments.labels(result="unknown").inc()
-                return False
+                if time.monotonic() > deadline:
+                    self._record_unknown(
+                        session,
+                        report,
+                        f"delivery {delivery.id} is {delivery.status.value}, not committing",
+                        delivery,
+                    )
+                    return False
             time.sleep(0.05)  # the N-ACTION's own record is still being written
+
+    def _record_unknown(
+        self,
+        session: Session,
+        report: CommitmentReport,
+        reason: str,
+        delivery: Delivery | None = None,
+    ) -> None:
+        """A ``commitment_unknown`` event: the report is answered 0x0110 (the peer sends it
+        again), and the audit says who sent what for which transaction, and why."""
+        self.metrics.commitments.labels(result="unknown").inc()
+        job = None if delivery is None else delivery.job
+        record_event(
+            session,
+            EventType.COMMITMENT_UNKNOWN,
+            study_id=None if job is None else job.study_id,
+            job_id=None if job is None else job.id,
+            transaction_uid=report.transaction_uid,
+            reason=reason,
+            committed=len(report.committed),
+            failed=len(report.failed),
+            calling_ae_title=report.calling_ae_title,
+            peer_address=report.peer_address,
+            **({} if delivery is None else {"delivery_id": delivery.id}),
+        )
+        log.warning(
+            "storage commitment report for an unknown transaction",
+            extra=fields(transaction_uid=report.transaction_uid, reason=reason),
+        )
 
     def _apply_report(self, session: Session, delivery: Delivery, report: CommitmentReport) -> None:
         now = as_utc(utcnow())

@@ -21,7 +21,6 @@ from rich.table import Table
 from sqlalchemy import select
 
 from sijnode.db.engine import make_engine, make_sessionmaker
-from sijnode.db.records import as_utc
 from sijnode.db.schema import (
     Delivery,
     DeliveryStatus,
@@ -32,6 +31,7 @@ from sijnode.db.schema import (
     Prediction,
     Study,
     StudyState,
+    as_utc,
 )
 from sijnode.demo.processes import Processes, sijnode_command
 from sijnode.settings import load_settings

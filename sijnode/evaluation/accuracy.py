@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sijnode.errors import EvaluationError
+
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
@@ -31,10 +33,10 @@ def as_labels(values: Any, name: str = "labels") -> BoolArray:
     """``values`` as a 1-d boolean array: bools or 0/1, anything else is an error."""
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ValueError(f"expected a 1-d array for {name}, got shape {arr.shape}")
+        raise EvaluationError(f"expected a 1-d array for {name}, got shape {arr.shape}")
     if arr.dtype != np.bool_:
         if arr.size and not np.isin(arr, (0, 1)).all():
-            raise ValueError(f"expected only 0/1 in {name}, got {np.unique(arr)[:5]!r}")
+            raise EvaluationError(f"expected only 0/1 in {name}, got {np.unique(arr)[:5]!r}")
         arr = arr.astype(bool)
     return arr
 
@@ -43,9 +45,9 @@ def as_scores(values: Any, n: int) -> FloatArray:
     """``values`` as ``n`` finite float scores; anything else is an error."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.shape != (n,):
-        raise ValueError(f"expected {n} scores, got shape {arr.shape}")
+        raise EvaluationError(f"expected {n} scores, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError("expected finite scores, got NaN or infinity")
+        raise EvaluationError("expected finite scores, got NaN or infinity")
     return arr
 
 
@@ -91,7 +93,9 @@ def confusion(y_true: Any, y_pred: Any) -> Confusion:
     t = as_labels(y_true, "y_true")
     p = as_labels(y_pred, "y_pred")
     if t.shape != p.shape:
-        raise ValueError(f"expected y_true and y_pred of one length, got {t.size} and {p.size}")
+        raise EvaluationError(
+            f"expected y_true and y_pred of one length, got {t.size} and {p.size}"
+        )
     return Confusion(
         tp=int(np.sum(t & p)),
         fp=int(np.sum(~t & p)),
@@ -156,7 +160,7 @@ class CalibrationBin:
 def calibration_table(y_true: Any, probabilities: Any, n_bins: int = 10) -> list[CalibrationBin]:
     """Equal-width bins over [0, 1]; the last bin includes 1. Empty bins have NaN means."""
     if n_bins < 1:
-        raise ValueError(f"expected at least 1 calibration bin, got {n_bins}")
+        raise EvaluationError(f"expected at least 1 calibration bin, got {n_bins}")
     t = as_labels(y_true, "y_true")
     p = as_scores(probabilities, t.size)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -181,7 +185,7 @@ def labels_at(scores: Any, threshold: float) -> BoolArray:
     """Predicted labels: positive where the score is at or above ``threshold``."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1:
-        raise ValueError(f"expected a 1-d array of scores, got shape {s.shape}")
+        raise EvaluationError(f"expected a 1-d array of scores, got shape {s.shape}")
     return as_scores(s, s.size) >= threshold
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sijnode.errors import EvaluationError
 from sijnode.evaluation.accuracy import (
     METRIC_NAMES,
     BoolArray,
@@ -51,7 +52,7 @@ def bootstrap_metrics(
     cases' tie groups without re-sorting.
     """
     if n_resamples < 1:
-        raise ValueError(f"expected at least 1 bootstrap resample, got {n_resamples}")
+        raise EvaluationError(f"expected at least 1 bootstrap resample, got {n_resamples}")
     t = as_labels(y_true, "y_true")
     p = as_labels(y_pred, "y_pred")
     s = as_scores(scores, t.size)
@@ -86,7 +87,7 @@ def bootstrap_metrics(
 def percentile_interval(values: Any, confidence: float = 0.95) -> tuple[float, float]:
     """The percentile interval of bootstrap ``values`` (NaN resamples left out)."""
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"expected a confidence level between 0 and 1, got {confidence}")
+        raise EvaluationError(f"expected a confidence level between 0 and 1, got {confidence}")
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     if arr.size == 0:

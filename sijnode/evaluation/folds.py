@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sijnode.errors import EvaluationError
+
 
 @dataclass(frozen=True)
 class MeanSd:
@@ -34,7 +36,7 @@ class MeanSd:
 def mean_sd(values: Iterable[float], ddof: int = 1) -> MeanSd:
     """Mean and standard deviation of the finite ``values`` (NaN when too few)."""
     if ddof < 0:
-        raise ValueError(f"expected ddof >= 0, got {ddof}")
+        raise EvaluationError(f"expected ddof >= 0, got {ddof}")
     arr = np.asarray(list(values), dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     n = int(arr.size)
@@ -50,12 +52,12 @@ def summarise_folds(
     e.g. :meth:`~sijnode.evaluation.accuracy.Accuracy.as_dict`), in ``names`` order
     (default: the first fold's). A fold that lacks a metric is an error."""
     if not folds:
-        raise ValueError("expected at least one fold, got none")
+        raise EvaluationError("expected at least one fold, got none")
     wanted = list(names) if names is not None else list(folds[0])
     out: dict[str, MeanSd] = {}
     for name in wanted:
         missing = [i for i, fold in enumerate(folds) if name not in fold]
         if missing:
-            raise ValueError(f"expected {name!r} in every fold, missing in folds {missing}")
+            raise EvaluationError(f"expected {name!r} in every fold, missing in folds {missing}")
         out[name] = mean_sd((fold[name] for fold in folds), ddof=ddof)
     return out

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sijnode.errors import EvaluationError
 from sijnode.evaluation.accuracy import (
     METRIC_NAMES,
     CalibrationBin,
@@ -57,7 +58,8 @@ class MetricsReport:
         for m in self.metrics:
             if m.name == name:
                 return m
-        raise KeyError(name)
+        known = ", ".join(m.name for m in self.metrics)
+        raise EvaluationError(f"expected a metric of {known}, got {name!r}")
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN becomes None when rendered)."""

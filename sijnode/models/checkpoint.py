@@ -7,6 +7,9 @@ data section (the bytes after the header), so the spec can name its own weights.
 ``torch.load`` of a foreign file can run code, safetensors cannot.
 
 ``read_spec`` and ``verify_checkpoint`` import no torch (the listener uses them);
+``verify_checkpoint(..., fit=True)`` (``sijnode models import|verify``) also builds the
+architecture the spec names on the meta device (no memory for weights) and checks that the
+file's tensor names and shapes are the network's (:func:`check_weights_fit`);
 ``load_model`` builds the network on the meta device and assigns the weights.
 """
 
@@ -113,11 +116,96 @@ def _sha256_range(path: Path, start: int) -> str:
     return digest.hexdigest()
 
 
-def verify_checkpoint(path: Path | str, expected_task: str | None = None) -> ModelSpec:
-    """Check a checkpoint fully (no torch) and return its spec.
+#: At most this many tensor names per kind of difference in a refusal message.
+_SHOWN_TENSORS = 8
+
+
+def _shapes_of_header(header: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, as the safetensors header declares them."""
+    return {
+        name: tuple(int(n) for n in entry.get("shape", ()))
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict)
+    }
+
+
+def weights_misfit(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Which tensors differ between a network's state dict and a file, or None if none.
+
+    ``expected`` and ``found`` map tensor names to shapes; the text names the missing,
+    the unexpected and the misshapen tensors (a few of each, then a count).
+    """
+
+    def listed(names: list[str]) -> str:
+        more = len(names) - _SHOWN_TENSORS
+        return ", ".join(names[:_SHOWN_TENSORS]) + (f" (+{more} more)" if more > 0 else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = sorted(
+        f"{name} {list(found[name])} (expected {list(shape)})"
+        for name, shape in expected.items()
+        if name in found and tuple(found[name]) != tuple(shape)
+    )
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {listed(unexpected)}")
+    if misshapen:
+        parts.append(f"{len(misshapen)} of another shape: {listed(misshapen)}")
+    return "; ".join(parts) or None
+
+
+def network_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the untrained network the spec names, built on meta."""
+    import torch
+
+    from sijnode.models.architectures import build
+
+    with torch.device("meta"):
+        model = build(spec)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_weights_fit(path: Path | str, spec: ModelSpec | None = None) -> None:
+    """Refuse a checkpoint whose tensors are not those of the architecture its spec names.
+
+    Builds the network on the meta device (torch, no memory for weights) and compares its
+    state dict's names and shapes with the file's header; :class:`CheckpointError` names
+    the tensors that differ.
+    """
+    path = Path(path)
+    header, _, _ = _read_header(path)
+    if spec is None:
+        spec = _spec_from_header(path, header)
+    _refuse_misfit(path, spec, network_shapes(spec), _shapes_of_header(header))
+
+
+def _refuse_misfit(
+    path: Path,
+    spec: ModelSpec,
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+) -> None:
+    problem = weights_misfit(expected, found)
+    if problem is not None:
+        raise CheckpointError(
+            f"{path.name}: the weights do not fit architecture {spec.architecture!r}: {problem}"
+        )
+
+
+def verify_checkpoint(
+    path: Path | str, expected_task: str | None = None, *, fit: bool = False
+) -> ModelSpec:
+    """Check a checkpoint fully and return its spec.
 
     Raises :class:`CheckpointError` naming the reason: truncated file, weights hash
-    mismatch (tampered), unknown architecture, wrong task, or an invalid spec.
+    mismatch (tampered), unknown architecture, wrong task, or an invalid spec; with
+    ``fit``, also weights that do not fit the architecture (:func:`check_weights_fit`,
+    which imports torch; without it nothing here does).
     """
     path = Path(path)
     header, data_start, size = _read_header(path)
@@ -144,6 +232,8 @@ def verify_checkpoint(path: Path | str, expected_task: str | None = None) -> Mod
             f"{path.name}: weights hash mismatch (tampered or corrupt): the spec expects "
             f"sha256 {spec.weights_sha256 or '(none)'}, the weights hash to {found}"
         )
+    if fit:
+        check_weights_fit(path, spec)
     return spec
 
 
@@ -185,6 +275,12 @@ def load_model(
         model = build(spec)
     try:
         state = load_file(str(path), device=str(device))
+        _refuse_misfit(
+            path,
+            spec,
+            {name: tuple(t.shape) for name, t in model.state_dict().items()},
+            {name: tuple(t.shape) for name, t in state.items()},
+        )
         model.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, OSError, SafetensorError) as exc:
         raise CheckpointError(

@@ -1,24 +1,25 @@
 """``sijnode models import|list|show|verify``: versioned checkpoints in the data directory.
 
-``import`` verifies a checkpoint in full (spec, architecture, task, length, weights hash;
-:func:`sijnode.models.checkpoint.verify_checkpoint`), copies it to
+``import`` verifies a checkpoint in full (spec, architecture, task, length, weights hash,
+and that the weights' tensor names and shapes fit the architecture;
+:func:`sijnode.models.checkpoint.verify_checkpoint` with ``fit``), copies it to
 ``<data_dir>/models/<version>.safetensors`` and records its row (version, task, spec, file)
 in the audit, so ``pipelines.<name>.model`` can name the version. Heavy imports happen
-inside the commands; no command imports torch.
+inside the commands; only ``import`` and ``verify`` import torch, to build the
+architecture on the meta device (no memory for weights).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sijnode.audit.render import OutputFormat as Format
+from sijnode.cli_context import add_group, audit_session, group_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -42,38 +43,9 @@ TaskOpt = Annotated[
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table, json or csv.")]
 
 
-class _Loader:
-    """The settings loader the root passes in, carried by the ``models`` group's context."""
-
-    def __init__(self, settings: SettingsLoader) -> None:
-        self.settings = settings
-
-
 def register(app: typer.Typer, settings: SettingsLoader) -> None:
     """Add ``models`` to the ``sijnode`` app; ``settings`` loads this invocation's settings."""
-    app.add_typer(models_app, name="models", context_settings={"obj": _Loader(settings)})
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    loader = ctx.find_object(_Loader)
-    if loader is None:  # pragma: no cover - register() always sets it
-        raise RuntimeError("sijnode models: no settings loader (use sijnode.cli)")
-    return loader.settings()
-
-
-@contextmanager
-def _session(settings: Settings) -> Iterator[Session]:
-    """A transaction on the audit database, after the schema check."""
-    from sijnode.db.engine import make_engine, make_sessionmaker, transaction
-    from sijnode.db.migrate import check_schema_current
-
-    engine = make_engine(settings.database.url, echo=settings.database.echo)
-    try:
-        check_schema_current(engine)
-        with transaction(make_sessionmaker(engine)) as session:
-            yield session
-    finally:
-        engine.dispose()
+    add_group(app, models_app, "models", settings)
 
 
 def _task(value: str | None) -> str | None:
@@ -115,12 +87,12 @@ def import_model(settings: Settings, file: Path, task: str | None = None) -> tup
     from sijnode.models.identity import imported_path
     from sijnode.workers.model_records import record_model
 
-    spec = verify_checkpoint(file, expected_task=task)
+    spec = verify_checkpoint(file, expected_task=task, fit=True)
     target = imported_path(settings.data_dir, spec.version)
     if not (target.is_file() and target.stat().st_size == file.stat().st_size):
         _copy_durably(file, target)
     verify_checkpoint(target, expected_task=task)  # the copy is what workers will load
-    with _session(settings) as session:
+    with audit_session(settings) as session:
         record_model(session, spec, target, settings.data_dir)
     return spec, target
 
@@ -132,7 +104,7 @@ def import_command(
     task: TaskOpt = None,
 ) -> None:
     """Verify a checkpoint, copy it into <data_dir>/models and record it in the audit."""
-    spec, target = import_model(_settings(ctx), file, _task(task))
+    spec, target = import_model(group_settings(ctx), file, _task(task))
     typer.echo(
         f"imported {spec.version} ({spec.task}, {spec.name}, {spec.architecture}) -> {target}"
     )
@@ -159,7 +131,7 @@ def list_command(ctx: typer.Context, output_format: FormatOpt = Format.table) ->
     from sijnode.audit.render import render
     from sijnode.db.schema import ModelRecord
 
-    with _session(_settings(ctx)) as session:
+    with audit_session(group_settings(ctx)) as session:
         rows = [
             _row_dict(r)
             for r in session.scalars(
@@ -194,8 +166,8 @@ def show_command(
     """The whole spec of an imported model, its file and where it is used (JSON)."""
     from sijnode.audit.render import render_json
 
-    settings = _settings(ctx)
-    with _session(settings) as session:
+    settings = group_settings(ctx)
+    with audit_session(settings) as session:
         row = _model_row(session, version)
         data = {**_row_dict(row), "file": str(_file_of(settings, row)), "spec": row.spec}
     data["file_exists"] = Path(data["file"]).is_file()
@@ -214,24 +186,25 @@ def verify_command(
     target: Annotated[str, typer.Argument(help="An imported version or a checkpoint file.")],
     task: TaskOpt = None,
 ) -> None:
-    """Check a checkpoint in full (spec, task, length, weights hash); exit 1 naming the fault."""
+    """Check a checkpoint in full (spec, task, length, weights hash, tensors fit the
+    architecture); exit 1 naming the fault."""
     from sijnode.errors import CheckpointError
     from sijnode.models.checkpoint import verify_checkpoint
     from sijnode.models.identity import looks_like_file
 
-    settings = _settings(ctx)
+    settings = group_settings(ctx)
     expected = _task(task)
     if looks_like_file(target) or Path(target).is_file():
-        spec = verify_checkpoint(Path(target), expected_task=expected)
+        spec = verify_checkpoint(Path(target), expected_task=expected, fit=True)
         typer.echo(f"ok: {target} is {spec.version} ({spec.task}, {spec.name}), weights intact")
         return
-    with _session(settings) as session:
+    with audit_session(settings) as session:
         row = _model_row(session, target)
         path = _file_of(settings, row)
         recorded = (row.version, row.weights_sha256)
     if not path.is_file():
         raise CheckpointError(f"model {target}: its file {path} is missing")
-    spec = verify_checkpoint(path, expected_task=expected)
+    spec = verify_checkpoint(path, expected_task=expected, fit=True)
     if (spec.version, spec.weights_sha256) != recorded:
         raise CheckpointError(
             f"model {target}: the file {path} now holds {spec.version} (weights "

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +36,7 @@ from sijnode.models.result import (
 )
 from sijnode.models.runtime import Runner, StageTimes, resolve_device, resolve_precision
 from sijnode.models.series import Series, batched, prefetch, read_series
-from sijnode.models.spec import CTPreprocessing, ModelSpec
+from sijnode.models.spec import CTPreprocessing, ModelSpec, MRPreprocessing
 
 #: Fewer slices than this is not a CT study the pipeline decides on.
 MIN_CT_SLICES = 1
@@ -53,6 +55,48 @@ def choose_series(study: StudyInput, modality: str, min_slices: int) -> tuple[Se
     return series, notes
 
 
+P = TypeVar("P", CTPreprocessing, MRPreprocessing)
+
+
+class PredictStart(NamedTuple, Generic[P]):
+    """What both pipelines' ``predict`` begin with (:func:`start_predict`)."""
+
+    started: float
+    spec: ModelSpec
+    prep: P
+    slice_threshold: float
+    #: The decision threshold: ``pipelines.<name>.threshold`` if set, else the spec's own.
+    threshold: float
+    times: StageTimes
+    series: Series
+    notes: list[str]
+
+
+def start_predict(
+    specs: Mapping[str, ModelSpec],
+    options: PredictOptions,
+    study: StudyInput,
+    prep_type: type[P],
+    level: Literal["study", "subject"],
+    modality: str,
+    min_slices: int,
+) -> PredictStart[P]:
+    """The classifier's spec, preprocessing and thresholds (the decision threshold at
+    ``level``: the study's for CT, the subject's for MR), a stage clock, and the chosen
+    series, read while timed."""
+    started = time.perf_counter()
+    spec = specs["model"]
+    prep = spec.preprocessing
+    assert isinstance(prep, prep_type)
+    ops = spec.operating_points
+    decision = ops.study_threshold if level == "study" else ops.subject_threshold
+    assert ops.slice_threshold is not None and decision is not None
+    times = StageTimes()
+    series, notes = times.timed("decode", lambda: choose_series(study, modality, min_slices))
+    threshold = options.threshold if options.threshold is not None else decision
+    return PredictStart(started, spec, prep, ops.slice_threshold, threshold, times, series, notes)
+
+
 def side_of_column(series: Series, column: float) -> str:
     """Patient side ("R"/"L") of an image column (ImageOrientationPatient row direction)."""
     image_left = column < series.columns / 2.0
@@ -62,6 +106,23 @@ def side_of_column(series: Series, column: float) -> str:
 def combine_lateralities(sides: list[str | None]) -> str | None:
     found = {s for s in sides if s}
     return "B" if found == {"R", "L"} else (found.pop() if found else None)
+
+
+def classify_with_cams(
+    model: torch.nn.Module, head: torch.nn.Module, times: StageTimes, x: torch.Tensor
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """One batch through a ResNet-family classifier: the sigmoid probabilities (timed as
+    ``infer``) and the raw closed-form Grad-CAM maps from the same forward (``explain``)."""
+    t = time.perf_counter()
+    features = forward_features(model, x)
+    probabilities = torch.sigmoid(features.logits.float()).cpu().numpy()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    times.add("infer", time.perf_counter() - t)
+    t = time.perf_counter()
+    maps = cam.raw_cams(head, features).cpu().numpy()
+    times.add("explain", time.perf_counter() - t)
+    return probabilities, maps
 
 
 @dataclass
@@ -75,17 +136,9 @@ class LoadedCT:
     options: PredictOptions
 
     def predict(self, study: StudyInput) -> PipelineResult:
-        started = time.perf_counter()
-        spec = self.specs["model"]
-        prep = spec.preprocessing
-        assert isinstance(prep, CTPreprocessing)
-        ops = spec.operating_points
-        assert ops.slice_threshold is not None and ops.study_threshold is not None
-        study_threshold = (
-            self.options.threshold if self.options.threshold is not None else (ops.study_threshold)
+        started, spec, prep, slice_threshold, study_threshold, times, series, notes = start_predict(
+            self.specs, self.options, study, CTPreprocessing, "study", "CT", MIN_CT_SLICES
         )
-        times = StageTimes()
-        series, notes = times.timed("decode", lambda: choose_series(study, "CT", MIN_CT_SLICES))
 
         def load(index: int) -> tuple[npt.NDArray[np.float32], Letterbox]:
             hu = times.timed("decode", lambda: series.decode(index))
@@ -96,17 +149,7 @@ class LoadedCT:
         raw_maps: list[npt.NDArray[np.float32]] = []
         placements: list[Letterbox] = []
 
-        def forward(x: torch.Tensor) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-            t = time.perf_counter()
-            features = forward_features(self.runner.model, x)
-            probabilities = torch.sigmoid(features.logits.float()).cpu().numpy()
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            times.add("infer", time.perf_counter() - t)
-            t = time.perf_counter()
-            maps = cam.raw_cams(head, features).cpu().numpy()
-            times.add("explain", time.perf_counter() - t)
-            return probabilities, maps
+        forward = partial(classify_with_cams, self.runner.model, head, times)
 
         feed = prefetch(
             range(len(series)),
@@ -131,7 +174,7 @@ class LoadedCT:
                 instance_number=h.instance_number,
                 score=scores[i],
                 filtered_score=float(aggregate.filtered[i]),
-                positive=bool(aggregate.filtered[i] >= ops.slice_threshold),
+                positive=bool(aggregate.filtered[i] >= slice_threshold),
             )
             for i, h in enumerate(series.slices)
         )
@@ -144,18 +187,8 @@ class LoadedCT:
             on_input = cam.upsample(raw_maps[s.position_index], spec.input_size)
             heatmap = cam.to_uint8(placements[s.position_index].to_source(on_input))
             region = cam.peak_region(heatmap)
-            explanations.append(
-                Explanation(
-                    sop_instance_uid=s.sop_instance_uid,
-                    series_instance_uid=s.series_instance_uid,
-                    position_index=s.position_index,
-                    instance_number=s.instance_number,
-                    score=s.score,
-                    heatmap=heatmap,
-                    peak_region=region,
-                    laterality=side_of_column(series, (region.column0 + region.column1) / 2.0),
-                )
-            )
+            side = side_of_column(series, (region.column0 + region.column1) / 2.0)
+            explanations.append(Explanation.of_slice(s, heatmap, region, side))
         times.add("explain", time.perf_counter() - t)
         decision = Decision.PRESENT if aggregate.positive else Decision.ABSENT
         times.add("total", time.perf_counter() - started)
@@ -165,7 +198,7 @@ class LoadedCT:
             decision=decision,
             probability=float(np.clip(aggregate.score, 0.0, 1.0)),
             threshold=study_threshold,
-            slice_threshold=ops.slice_threshold,
+            slice_threshold=slice_threshold,
             aggregation=spec.aggregation.rule,
             aggregation_parameters={
                 "median_size": spec.aggregation.median_size,

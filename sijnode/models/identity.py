@@ -103,15 +103,6 @@ class ModelIdentity:
         return {m.role: m.path for m in self.members}
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def looks_like_file(value: str) -> bool:
     """Whether a ``model`` setting names a file rather than an imported version."""
     return value.endswith(CHECKPOINT_SUFFIX) or "/" in value or "\\" in value
@@ -190,6 +181,14 @@ class ModelIdentities:
                 f"({', '.join(sorted(PIPELINE_TASKS.values()))}), found {spec.task!r}"
             )
         return ModelRef(role, spec, path)
+
+    def usable(self, pipeline: str) -> bool:
+        """Whether ``pipeline`` has a model set that can be used now (configured, readable,
+        of the right tasks, with its companions); any such error counts as no."""
+        try:
+            return self(pipeline) is not None
+        except SijnodeError:
+            return False
 
     def __call__(self, pipeline: str) -> ModelIdentity | None:
         """The model set of ``pipeline``, or None without a model.

@@ -137,18 +137,3 @@ class Localizer:
             check_boxes(index, _to_source(v, placement), shape, self.rules)
             for v, (index, _, placement, shape) in zip(values, items, strict=True)
         ]
-
-    def locate(
-        self,
-        slices: list[npt.NDArray[np.float32]],
-        value_ranges: list[tuple[float, float]] | None = None,
-    ) -> list[SliceBoxes]:
-        """Boxes for every slice (in the given order)."""
-        ranges: list[tuple[float, float] | None] = (
-            list(value_ranges) if value_ranges else [None] * len(slices)
-        )
-        items = [
-            (i, *self.prepare(s, r), s.shape)
-            for i, (s, r) in enumerate(zip(slices, ranges, strict=True))
-        ]
-        return self.locate_prepared(items)

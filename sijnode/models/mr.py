@@ -15,22 +15,22 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from sijnode.errors import PipelineError
 from sijnode.models import cam
 from sijnode.models.aggregate import mr_subject
-from sijnode.models.architectures import forward_features
 from sijnode.models.ct import (
     algorithm_identity,
-    choose_series,
+    classify_with_cams,
     combine_lateralities,
     load_runner,
+    start_predict,
 )
 from sijnode.models.localizer import Localizer, SliceBoxes
 from sijnode.models.preprocess import intensity_range, mr_roi_input
@@ -63,17 +63,11 @@ class LoadedMR:
     options: PredictOptions
 
     def predict(self, study: StudyInput) -> PipelineResult:
-        started = time.perf_counter()
-        spec = self.specs["model"]
-        prep = spec.preprocessing
-        assert isinstance(prep, MRPreprocessing)
-        ops = spec.operating_points
-        assert ops.slice_threshold is not None and ops.subject_threshold is not None
-        subject_threshold = (
-            self.options.threshold if self.options.threshold is not None else ops.subject_threshold
+        started, spec, prep, slice_threshold, subject_threshold, times, series, notes = (
+            start_predict(
+                self.specs, self.options, study, MRPreprocessing, "subject", "MR", MIN_MR_SLICES
+            )
         )
-        times = StageTimes()
-        series, notes = times.timed("decode", lambda: choose_series(study, "MR", MIN_MR_SLICES))
 
         shape = (series.rows, series.columns)
         plausible: list[tuple[SliceBoxes, RoiBoxes]] = []
@@ -122,17 +116,7 @@ class LoadedMR:
         scores: list[float] = []
         raw_maps: list[npt.NDArray[np.float32]] = []
 
-        def forward(x: torch.Tensor) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-            t = time.perf_counter()
-            features = forward_features(self.runner.model, x)
-            probabilities = torch.sigmoid(features.logits.float()).cpu().numpy()
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            times.add("infer", time.perf_counter() - t)
-            t = time.perf_counter()
-            maps = cam.raw_cams(head, features).cpu().numpy()
-            times.add("explain", time.perf_counter() - t)
-            return probabilities, maps
+        forward = partial(classify_with_cams, self.runner.model, head, times)
 
         # Decode, localise and ROI preprocessing stream ahead of the classifier's batches.
         feed = prefetch(localised(), load, self.options.decode_threads, 2 * self.options.batch_size)
@@ -186,9 +170,7 @@ class LoadedMR:
                 aggregation_parameters={"median_size": spec.aggregation.median_size},
             )
 
-        agg = mr_subject(
-            scores, ops.slice_threshold, subject_threshold, spec.aggregation.median_size
-        )
+        agg = mr_subject(scores, slice_threshold, subject_threshold, spec.aggregation.median_size)
         slices = tuple(
             SliceResult(
                 sop_instance_uid=series.slices[f.position_index].sop_instance_uid,
@@ -254,16 +236,7 @@ class LoadedMR:
         in_left = peak_column * joined_width / on_patch.shape[1] < rois.left.width
         image_left_is_right = series.column_towards_patient_left
         side = "R" if in_left == image_left_is_right else "L"
-        return Explanation(
-            sop_instance_uid=s.sop_instance_uid,
-            series_instance_uid=s.series_instance_uid,
-            position_index=s.position_index,
-            instance_number=s.instance_number,
-            score=s.score,
-            heatmap=heatmap,
-            peak_region=region,
-            laterality=side,
-        )
+        return Explanation.of_slice(s, heatmap, region, side)
 
     def _result(
         self,

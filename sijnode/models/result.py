@@ -92,6 +92,26 @@ class Explanation:
     #: "R", "L" or None (MR: the side whose ROI holds the peak).
     laterality: str | None = None
 
+    @classmethod
+    def of_slice(
+        cls,
+        scored: SliceResult,
+        heatmap: npt.NDArray[np.uint8],
+        peak_region: Region,
+        laterality: str | None,
+    ) -> Explanation:
+        """The explanation of the scored slice ``scored``, with its map and peak."""
+        return cls(
+            sop_instance_uid=scored.sop_instance_uid,
+            series_instance_uid=scored.series_instance_uid,
+            position_index=scored.position_index,
+            instance_number=scored.instance_number,
+            score=scored.score,
+            heatmap=heatmap,
+            peak_region=peak_region,
+            laterality=laterality,
+        )
+
 
 @dataclass(frozen=True)
 class PipelineResult:

@@ -3,9 +3,10 @@
 Used when ``broker.url`` is empty, so one process tree is a complete node (no Redis). A
 feeder thread in the listener takes job messages in arrival order and hands each to a
 child process (``multiprocessing`` spawn: torch is imported only there, and inference
-never holds the listener's GIL). The child loads the models once when it starts and keeps
-them. A job whose pipeline has no usable model only needs its ``no_model`` bookkeeping,
-which the feeder does itself, so a node without models never starts a child. The queue
+and report building never hold the listener's GIL). The child loads the models once when
+it starts and keeps them. A job whose pipeline has no usable model only needs its
+``no_model`` bookkeeping, which the feeder does itself, so a node without models starts no
+child, unless a job left ``inferred`` needs its report (built in the child too). The queue
 lives in the audit database (queued jobs are sent again at start-up), and a job whose
 child died is run once more in a fresh child, so nothing is lost when a process dies.
 """
@@ -21,12 +22,16 @@ from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
+from sqlalchemy import select
+
 from sijnode.db.engine import transaction
-from sijnode.db.records import set_job_state
+from sijnode.db.lifecycle import transition
 from sijnode.db.schema import Job, JobState
 from sijnode.errors import SijnodeError
 from sijnode.logs import fields
+from sijnode.workers.finish import fail_unfinished
 from sijnode.workers.jobs import INFERENCE_DONE_STATES, WorkerContext, execute_job
+from sijnode.workers.lease import release_all_leases, release_lease
 from sijnode.workers.messages import JobMessage
 
 log = logging.getLogger(__name__)
@@ -48,20 +53,26 @@ def _child_main(settings_json: str, device: str | None, jobs: Any, done: Any) ->
     ctx = make_worker_context(settings, device=device)
     warm_pipelines(ctx, list(settings.pipelines))  # once, before the first job
     serve_metrics(ctx)
-    done.put(("ready", None))
+    done.put(("ready", None, None))
     while True:
         job_id = jobs.get()
         if job_id is None:
             return
-        try:
-            state = execute_job(ctx, job_id).value
-        except SijnodeError as exc:
-            log.error("embedded job failed", extra=fields(job_id=job_id, error=str(exc)))
-            state = "error"
-        except Exception:  # the child outlives a broken job
-            log.exception("embedded job raised", extra=fields(job_id=job_id))
-            state = "error"
-        done.put((job_id, state))
+        state, error = run_one(ctx, job_id)
+        done.put((job_id, state, error))
+
+
+def run_one(ctx: WorkerContext, job_id: int) -> tuple[str, str | None]:
+    """Run one job in this process: its final state, or ``("error", reason)`` when
+    :func:`execute_job` raised (the process outlives a broken job)."""
+    try:
+        return execute_job(ctx, job_id).value, None
+    except SijnodeError as exc:
+        log.error("embedded job failed", extra=fields(job_id=job_id, error=str(exc)))
+        return "error", str(exc)
+    except Exception as exc:
+        log.exception("embedded job raised", extra=fields(job_id=job_id))
+        return "error", f"{type(exc).__name__}: {exc}"
 
 
 class _Child:
@@ -79,18 +90,19 @@ class _Child:
         )
         self.process.start()
 
-    def run(self, job_id: int) -> str | None:
-        """Run one job; its final state, or None when the child died first."""
+    def run(self, job_id: int) -> tuple[str, str | None] | None:
+        """Run one job; its final state and error (:func:`run_one`), or None when the
+        child died first."""
         self.jobs.put(job_id)
         while True:
             try:
-                key, state = self.done.get(timeout=_POLL_SECONDS)
+                key, state, error = self.done.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 if not self.process.is_alive():
                     return None
                 continue
             if key == job_id:
-                return str(state)
+                return str(state), error
 
     def stop(self, timeout: float) -> None:
         if self.process.is_alive():
@@ -114,8 +126,6 @@ class EmbeddedWorker:
         self.ctx = ctx
         self._queue: queue.Queue[JobMessage | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sijnode-embedded-worker")
-        self._idle = threading.Event()
-        self._idle.set()
         self._child: _Child | None = None
         self._child_lock = threading.Lock()
         #: Called with the job id after each job (the node wakes its delivery loop).
@@ -128,20 +138,22 @@ class EmbeddedWorker:
         return child.process.pid if child is not None and child.process.is_alive() else None
 
     def start(self) -> None:
-        """Start the feeder thread; start the child now if any pipeline has a model."""
-        if any(self._has_model(name) for name in self.ctx.settings.pipelines):
+        """Start the feeder thread; start the child now if any pipeline has a model.
+
+        Leases left by an earlier process are cleared first: in embedded mode this
+        process is the only one that runs jobs, so no earlier run lives on.
+        """
+        cleared = release_all_leases(self.ctx.sessions)
+        if cleared:
+            log.info("job leases of an earlier process cleared", extra=fields(jobs=cleared))
+        if any(self.ctx.models.usable(name) for name in self.ctx.settings.pipelines):
             self._ensure_child()
         self._thread.start()
 
     def send(self, message: JobMessage) -> str:
         """Queue ``message`` for the worker."""
-        self._idle.clear()
         self._queue.put(message)
         return f"embedded-{uuid.uuid4().hex[:12]}"
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until every queued job has run (tests, shutdown)."""
-        return self._idle.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the job in hand and stop the thread and the child."""
@@ -153,11 +165,12 @@ class EmbeddedWorker:
                 self._child.stop(timeout)
                 self._child = None
 
-    def _has_model(self, pipeline: str) -> bool:
-        try:
-            return self.ctx.models(pipeline) is not None
-        except SijnodeError:
-            return False
+    def _needs_report(self, job_id: int) -> bool:
+        """Whether the job is ``inferred``: its report (highdicom, OpenCV, the captures)
+        is built in the child even when its model is gone, never in the listener."""
+        with self.ctx.sessions() as session:
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+        return state is JobState.INFERRED
 
     def _ensure_child(self) -> _Child:
         with self._child_lock:
@@ -168,45 +181,57 @@ class EmbeddedWorker:
                 )
             return self._child
 
-    def _run_in_child(self, job_id: int) -> None:
+    def _run_in_child(self, job_id: int) -> tuple[str, str | None]:
         for attempt in range(1, CHILD_DEATHS_ALLOWED + 1):
             child = self._ensure_child()
-            if child.run(job_id) is not None:
-                return
+            answer = child.run(job_id)
+            if answer is not None:
+                return answer
             code = child.process.exitcode
             log.error(
                 "embedded worker process died during a job",
                 extra=fields(job_id=job_id, exit_code=code, attempt=attempt),
             )
+            # the dead child holds the job's lease no more: the next child runs it at once
+            release_lease(self.ctx.sessions, job_id)
         with transaction(self.ctx.sessions) as session:
             job = session.get_one(Job, job_id)
             if job.state not in INFERENCE_DONE_STATES:
-                set_job_state(
+                transition(
                     session,
                     job,
                     JobState.FAILED,
                     f"the embedded worker process died {CHILD_DEATHS_ALLOWED} times running "
                     f"this job (last exit code {code})",
                 )
+        return JobState.FAILED.value, None
 
     def _run(self) -> None:
         while True:
             message = self._queue.get()
             if message is None:
                 return
+            self._handle(message)
+
+    def _handle(self, message: JobMessage) -> None:
+        """Run one message; whatever it raises, the feeder goes on to the next one.
+
+        A job whose run ended in an error (``execute_job`` raised, in the child or here)
+        is failed with the reason, so it is never left ``running`` or ``inferred``.
+        """
+        job_id = message.job_id
+        try:
+            if self.ctx.models.usable(message.pipeline) or self._needs_report(job_id):
+                state, error = self._run_in_child(job_id)
+            else:  # only no_model bookkeeping: no inference, no report, no child
+                state, error = run_one(self.ctx, job_id)
+            if state == "error":
+                fail_unfinished(self.ctx.sessions, job_id, f"embedded worker: {error}")
+        except Exception:  # the feeder outlives a broken job and a broken audit
+            log.exception("embedded job could not be settled", extra=fields(job_id=job_id))
+        finally:
             try:
-                if self._has_model(message.pipeline):
-                    self._run_in_child(message.job_id)
-                else:  # only no_model bookkeeping: no inference, no torch, no child
-                    execute_job(self.ctx, message.job_id)
-            except SijnodeError as exc:
-                log.error(
-                    "embedded job failed", extra=fields(job_id=message.job_id, error=str(exc))
-                )
-            except Exception:  # the worker thread outlives a broken job
-                log.exception("embedded job raised", extra=fields(job_id=message.job_id))
-            finally:
                 if self.on_done is not None:
-                    self.on_done(message.job_id)
-                if self._queue.empty():
-                    self._idle.set()
+                    self.on_done(job_id)
+            except Exception:  # a failing callback must not stop the feeder either
+                log.exception("embedded worker: on_done raised", extra=fields(job_id=job_id))

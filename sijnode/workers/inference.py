@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 
 from sijnode.db.engine import transaction
-from sijnode.db.records import SliceScoreInput, record_prediction, set_job_state
+from sijnode.db.lifecycle import transition
+from sijnode.db.records import SliceScoreInput, record_prediction
 from sijnode.db.schema import Job, JobState, Prediction, PredictionDetail
 from sijnode.errors import CheckpointError, NoModelError, PipelineError, SeriesError
 from sijnode.logs import fields
@@ -161,8 +162,9 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
         already = session.scalar(
             select(func.count()).select_from(Prediction).where(Prediction.job_id == row.id)
         )
-        if row.state is not JobState.RUNNING or already:
-            # another delivery of this job got here first: exactly one result is recorded
+        if row.state is not JobState.RUNNING or already or row.lease_token != job.lease_token:
+            # another delivery of this job got here first, or took the job over after this
+            # run's lease lapsed (``job`` is the row as claimed): one result is recorded
             log.warning(
                 "result not recorded: the job moved on",
                 extra=fields(job_id=row.id, state=row.state.value, predictions=already),
@@ -218,7 +220,7 @@ def run_inference(ctx: WorkerContext, job: Job, identity: ModelIdentity) -> JobS
         detail = f"{result.decision.value} p={result.probability:.4f} model {identity.version}"
         if result.reason:
             detail += f": {result.reason}"
-        set_job_state(session, row, JobState.INFERRED, detail)
+        transition(session, row, JobState.INFERRED, detail)
         stages = dict(row.stage_timings)
     ctx.results[job.id] = result  # for the report step, in this process
     for stage, seconds in stages.items():

@@ -69,13 +69,3 @@ def record_model_set(session: Session, identity: ModelIdentity, data_dir: Path) 
                 )
             )
     session.flush()
-
-
-def models_of_job_version(session: Session, model_version: str) -> dict[str, ModelRecord]:
-    """The model rows a job's ``model_version`` stands for, by role."""
-    rows = session.execute(
-        select(ModelSetMember.role, ModelRecord)
-        .join(ModelRecord, ModelRecord.version == ModelSetMember.model_version)
-        .where(ModelSetMember.set_version == model_version)
-    ).all()
-    return {role: record for role, record in rows}

@@ -40,8 +40,9 @@ from sijnode.db.schema import (
     Prediction,
     PredictionDetail,
 )
-from sijnode.errors import ReportError, SijnodeError, TransitionError
+from sijnode.errors import ReportError, SijnodeError, UnknownJobError
 from sijnode.logs import fields
+from sijnode.workers.finish import finish_job
 
 if TYPE_CHECKING:
     from sijnode.models.result import PipelineResult
@@ -121,10 +122,30 @@ def report_job(ctx: WorkerContext, job_id: int, result: PipelineResult | None = 
     """Build, write and record the outputs of an ``inferred`` job; queue its deliveries.
 
     ``result`` is the in-memory result of the run that just ended; None reads the saved
-    one. A job in any other state is left as it is (a re-delivered message). A
-    :class:`ReportError` (or any error of the builders) fails the job with the reason;
+    one. A job in any other state is left as it is (a re-delivered message). Any error
+    of the step (a :class:`ReportError`, an unreadable saved result, a bug of a builder,
+    a delivery that cannot be queued) fails the job with the reason (``report: ...``);
     the worker goes on.
     """
+    with transaction(ctx.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UnknownJobError(f"expected job {job_id} in the audit database, found no such job")
+        if job.state is not JobState.INFERRED:
+            return JobState(job.state)
+        pipeline = job.pipeline
+    try:
+        return _report(ctx, job_id, result)
+    except SijnodeError as exc:  # a missing saved result, an unreadable source, ...
+        log.error("report not built", extra=fields(job_id=job_id, error=str(exc)))
+        return _fail(ctx, job_id, pipeline, f"report: {exc}")
+    except Exception as exc:  # a builder bug or any other error fails the job, not the worker
+        log.exception("report raised", extra=fields(job_id=job_id))
+        return _fail(ctx, job_id, pipeline, f"report: {type(exc).__name__}: {exc}")
+
+
+def _report(ctx: WorkerContext, job_id: int, result: PipelineResult | None) -> JobState:
+    """The body of :func:`report_job`; any error it raises fails the job there."""
     from sijnode.delivery.scheduler import enqueue_job
     from sijnode.reports.build import build_outputs
     from sijnode.workers.inference import spool_file
@@ -132,30 +153,18 @@ def report_job(ctx: WorkerContext, job_id: int, result: PipelineResult | None = 
     settings = ctx.settings
     started = time.perf_counter()
     with transaction(ctx.sessions) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise SijnodeError(f"job {job_id} does not exist in the audit database")
+        job = session.get_one(Job, job_id)
         if job.state is not JobState.INFERRED:
             return JobState(job.state)
         pipeline, job_key = job.pipeline, job.job_key
-        error = None
-        try:
-            if result is None:
-                result = saved_result(session, job, settings.data_dir)
-            predecessor = predecessor_sr(session, job)
-            sources = [spool_file(settings.storage.spool_dir, p) for p in job.spool_paths]
-        except SijnodeError as exc:
-            error = f"report: {exc}"
-    if error is not None or result is None:
-        return _fail(ctx, job_id, pipeline, error or "report: no result")
+        if result is None:
+            result = saved_result(session, job, settings.data_dir)
+        predecessor = predecessor_sr(session, job)
+        sources = [spool_file(settings.storage.spool_dir, p) for p in job.spool_paths]
     target = outputs_dir(settings.data_dir, job_key)
-    try:
-        bundle = build_outputs(result, sources, job_key, settings, predecessor=predecessor)
-        built = time.perf_counter()
-        paths = bundle.write(target)  # atomic renames; a re-run writes the same objects
-    except Exception as exc:  # ReportError or any builder bug fails the job, not the worker
-        log.exception("report outputs could not be built", extra=fields(job_id=job_id))
-        return _fail(ctx, job_id, pipeline, f"report: {type(exc).__name__}: {exc}")
+    bundle = build_outputs(result, sources, job_key, settings, predecessor=predecessor)
+    built = time.perf_counter()
+    paths = bundle.write(target)  # atomic renames; a re-run writes the same objects
     written = time.perf_counter()
     timings = {f"report_{k}": round(v, 6) for k, v in bundle.seconds.items()}
     timings["report_write"] = round(written - built, 6)
@@ -215,16 +224,7 @@ def report_job(ctx: WorkerContext, job_id: int, result: PipelineResult | None = 
 
 
 def _fail(ctx: WorkerContext, job_id: int, pipeline: str, reason: str) -> JobState:
-    with transaction(ctx.sessions) as session:
-        job = session.get_one(Job, job_id, with_for_update=True)
-        try:
-            transition(session, job, JobState.FAILED, reason)
-        except TransitionError as exc:
-            log.warning(
-                "job moved on while it was reported; its state is kept",
-                extra=fields(job_id=job_id, state=job.state.value, error=str(exc)),
-            )
-        final = JobState(job.state)
+    final = finish_job(ctx.sessions, job_id, JobState.FAILED, reason)
     log.error("job report failed", extra=fields(job_id=job_id, error=reason))
     ctx.metrics.jobs.labels(pipeline=pipeline, state=final.value).inc()
     return final
