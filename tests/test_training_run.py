@@ -273,3 +273,122 @@ def test_inception_needs_96_pixels(root: Path, tmp_path: Path) -> None:
         "64",
     )
     assert code != 0 and "Inception-v4 needs an input of at least 96 px" in output
+
+
+def _class_counts(root: Path, modality: str, keep: int | None = None) -> tuple[int, int]:
+    with (root / "labels.csv").open() as fh:
+        rows = sorted(
+            (r for r in csv.DictReader(fh) if r["modality"] == modality),
+            key=lambda r: r["subject"],
+        )[:keep]
+    positive = sum(int(r["label"]) for r in rows)
+    return positive, len(rows) - positive
+
+
+def test_too_few_subjects_for_the_splits_is_refused_before_training(
+    root: Path, tmp_path: Path
+) -> None:
+    """No raw scikit-learn error: the split named, what it needs and what was found."""
+    from sijnode.errors import TrainingDataError
+    from sijnode.training.splits import (
+        holdout_split,
+        repeated_subject_splits,
+        stratified_group_folds,
+    )
+
+    pos, neg = _class_counts(root, "CT")
+    code, output = _cli(
+        "train", "ct", "--data", str(root), "--out", str(tmp_path / "ct"), "--folds", "10"
+    )
+    assert code == 1, output
+    assert (
+        f"10-fold cross-validation needs at least 10 subjects per class; found {pos} "
+        f"positive, {neg} negative" in output
+    )
+    assert f"use --folds {min(pos, neg)} or fewer" in output
+    assert "TrainingDataError" in output and not (tmp_path / "ct").exists()
+
+    pos, neg = _class_counts(root, "CT", keep=3)
+    code, output = _cli(
+        "train", "ct", "--data", str(root), "--out", str(tmp_path / "ct1"), "--folds", "1",
+        "--max-subjects", "3",
+    )  # fmt: skip
+    assert code == 1, output
+    assert (
+        "the 70:15:15 train/validation/test split needs at least 3 subjects per class; "
+        f"found {pos} positive, {neg} negative" in output
+    )
+    assert not (tmp_path / "ct1").exists()
+
+    pos, neg = _class_counts(root, "MR", keep=4)
+    code, output = _cli(
+        "train", "mr", "--data", str(root), "--out", str(tmp_path / "mr"), "--quick",
+        "--max-subjects", "4",
+    )  # fmt: skip
+    assert code == 1, output
+    assert (
+        "the 70%/30% subject split needs at least 3 subjects per class; "
+        f"found {pos} positive, {neg} negative" in output
+    )
+    assert not (tmp_path / "mr").exists()
+
+    # The split functions themselves: 3 positive and 12 negative subjects, where
+    # scikit-learn's StratifiedGroupKFold would only warn and leave folds with no positive.
+    subjects = [f"s{i:02d}" for i in range(15)]
+    labels = [int(i < 3) for i in range(15)]
+    by_subject = dict(zip(subjects, labels, strict=True))
+    with pytest.raises(TrainingDataError, match="found 3 positive, 12 negative"):
+        stratified_group_folds(subjects, labels, n_splits=5)
+    assert len(stratified_group_folds(subjects, labels, n_splits=3)) == 3
+    two = dict(list(by_subject.items())[1:])  # 2 positive
+    with pytest.raises(TrainingDataError, match="found 2 positive, 12 negative"):
+        holdout_split(two)
+    with pytest.raises(TrainingDataError, match="found 2 positive, 12 negative"):
+        repeated_subject_splits(two)
+    assert holdout_split(two, per_class=0).test  # the localiser has no classes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ct_compare_runs_the_five_architectures_and_reports_table_1(
+    root: Path, tmp_path: Path
+) -> None:
+    """``sijnode train ct --compare`` end to end at a tiny size: Table 1 layout for each of
+    Fu et al. 2024's five networks, Fig. 4 curves, ROC per fold, the deployable export."""
+    from sijnode.training.ct_study import COMPARISON, NAMES
+
+    run = tmp_path / "cmp"
+    code, output = _cli(
+        "train", "ct", "--data", str(root), "--out", str(run), "--quick", "--quiet",
+        "--compare", "--folds", "2", "--epochs", "1", "--size", "96", "--batch-size", "4",
+    )  # fmt: skip
+    assert code == 0, output
+    report = (run / "report.md").read_text()
+    header = "| Model | folds | Accuracy | AUC | Recall | F1 | Precision | Specificity |"
+    tables = report.split(header)
+    assert len(tables) == 3, report  # test slices, then studies
+    for table in tables[1:]:
+        rows = [line for line in table.strip().splitlines() if line.startswith("| ")]
+        assert [r.split(" | ")[0][2:] for r in rows[:5]] == [NAMES[a] for a in COMPARISON]
+        for row in rows[:5]:
+            cells = [c.strip() for c in row.strip("| ").split(" | ")]
+            assert cells[1] == "2"  # folds
+            assert len(cells) == 8
+            assert "±" in cells[2], row  # accuracy, mean ± sd over the 2 folds
+    figures = ["plots/training_curves.png", "plots/training_loss.png", "plots/roc_holdout.png"]
+    figures += [f"plots/roc_{a}.png" for a in COMPARISON]
+    for png in figures:
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"]({png})" in report, png
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert sorted(metrics) == sorted(
+        [f"{a}-fold{k}" for a in COMPARISON for k in (1, 2)] + ["resnext50_32x4d-holdout"]
+    )
+    folds = json.loads((run / "results.json").read_text())["folds"]
+    assert sorted(folds) == sorted(f"{a}-fold{k}" for a in COMPARISON for k in (1, 2))
+    spec = verify_checkpoint(run / "model.safetensors", "ct_slice_classifier")
+    assert spec.architecture == "resnext50_32x4d"  # the paper's best, which the node explains
+    assert spec.operating_points.study_threshold is not None
+    assert spec.training["protocol"].startswith("Fu et al. 2024")
+    model, _ = load_model(run / "model.safetensors")
+    assert model is not None

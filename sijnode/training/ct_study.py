@@ -93,9 +93,7 @@ def run_ct(opts: TrainOptions) -> Path:
             f"--compare: Inception-v4 needs an input of at least {MIN_INCEPTION_SIZE} px, "
             f"got --size {settings['size']}"
         )
-    device = Device(resolve_training_device(opts.device), opts.quiet, opts.stop_after)
-    run = RunDir(Path(opts.out), opts.config(task="ct", **settings), opts.resume)
-    run.write_json("data.json", data_hash(Path(opts.data), studies))
+    # The splits first: too few subjects for them is refused before anything is written.
     by_subject = subject_labels([s.subject for s in studies], [s.label for s in studies])
     holdout = holdout_split(by_subject, seed=opts.seed)
     # --folds 1: the holdout split only (no cross-validation).
@@ -110,6 +108,9 @@ def run_ct(opts: TrainOptions) -> Path:
         else []
     )
     splits = [holdout, *folds]
+    device = Device(resolve_training_device(opts.device), opts.quiet, opts.stop_after)
+    run = RunDir(Path(opts.out), opts.config(task="ct", **settings), opts.resume)
+    run.write_json("data.json", data_hash(Path(opts.data), studies))
     run.write_json("splits.json", {s.name: s.as_dict() for s in splits})
     size = int(settings["size"])
     base = CTPreprocessing()

@@ -107,12 +107,15 @@ def run_localizer(opts: TrainOptions) -> Path:
         keep = sorted({s.subject for s in studies})[: opts.max_subjects]
         studies = [s for s in studies if s.subject in keep]
     settings = resolved(opts)
+    # No classes here (box regression): 3 subjects in all for the three-way split.
+    split = holdout_split(
+        subject_labels([s.subject for s in studies], [s.label for s in studies]),
+        seed=opts.seed,
+        per_class=0,
+    )
     device = Device(resolve_training_device(opts.device), opts.quiet, opts.stop_after)
     run = RunDir(Path(opts.out), opts.config(task="localizer", **settings), opts.resume)
     run.write_json("data.json", data_hash(Path(opts.data), studies))
-    split = holdout_split(
-        subject_labels([s.subject for s in studies], [s.label for s in studies]), seed=opts.seed
-    )
     run.write_json("splits.json", {split.name: split.as_dict()})
     size = int(settings["size"])
     spec = localizer_spec(size=size)

@@ -65,11 +65,11 @@ def run_mr(opts: TrainOptions) -> Path:
         keep = sorted({s.subject for s in studies})[: opts.max_subjects]
         studies = [s for s in studies if s.subject in keep]
     settings = resolved(opts)
+    by_subject = subject_labels([s.subject for s in studies], [s.label for s in studies])
+    splits = repeated_subject_splits(by_subject, repeats=int(settings["folds"]), seed=opts.seed)
     device = Device(resolve_training_device(opts.device), opts.quiet, opts.stop_after)
     run = RunDir(Path(opts.out), opts.config(task="mr", **settings), opts.resume)
     run.write_json("data.json", data_hash(Path(opts.data), studies))
-    by_subject = subject_labels([s.subject for s in studies], [s.label for s in studies])
-    splits = repeated_subject_splits(by_subject, repeats=int(settings["folds"]), seed=opts.seed)
     run.write_json("splits.json", {s.name: s.as_dict() for s in splits})
     prep = prep_for(int(settings["size"]))
     data = mr_slices(studies, prep, whole_image=bool(settings["whole_image"]))
