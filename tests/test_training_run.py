@@ -217,8 +217,23 @@ def test_mr_run_exports_a_checkpoint_the_pipeline_runs(root: Path, tmp_path: Pat
     assert spec.operating_points.data.startswith("validation subjects")
     assert spec.training["protocol"].startswith("Lee et al. 2021")
     report = (tmp_path / "mr/report.md").read_text()
-    for row in ("Whole image", "ROI + median filter", "Table 3", "NPV"):
-        assert row in report
+    for row in (
+        "| Whole image (ResNet18) | 2 |",
+        "| ROI (ResNet18) | 2 |",
+        "| ROI + median filter (ResNet18) | 2 |",
+        "| ROI (ResNet50) | 2 |",
+        "| Subjects, ResNet50 (ROI + median filter + mean) | 2 |",
+        "Table 3",
+        "NPV",
+        "plots/roc_slices_roi50.png",
+    ):
+        assert row in report, row
+    results = json.loads((tmp_path / "mr/results.json").read_text())
+    assert set(results["repeat1"]) >= {"slices", "whole", "resnet50"}
+    # The comparison network's checkpoint is a valid MR classifier the node can load.
+    resnet50 = verify_checkpoint(tmp_path / "mr/jobs/roi50-repeat1.safetensors")
+    assert resnet50.architecture == "resnet50_hidden_head"
+    assert spec.architecture == "resnet18_hidden_head"  # the deployable one is the paper's
     model, _ = load_model(tmp_path / "mr/model.safetensors")
     assert model is not None
     loaded = get_pipeline("mr").load(

@@ -3,6 +3,8 @@
 - ``resnext50_32x4d``: ResNeXt-50 32x4d with a linear head of one logit (Fu et al. 2024).
 - ``resnet18_hidden_head``: ResNet18 whose head has one hidden fully connected layer
   (``Linear -> ReLU -> Linear``), sigmoid applied to its logit (Lee et al. 2021 §2.3).
+- ``resnet50_hidden_head``: ResNet50 with the same head, the MR paper's comparison network
+  (``sijnode train mr --compare``).
 - ``localizer_cnn_v1``: a small CNN regressing two iliac boxes (docs/models.md).
 - ``vgg16``, ``resnet101``, ``densenet121``, ``inception_v4`` (timm): the CT paper's
   comparison networks, each with a linear head of one logit (``sijnode train ct --compare``).
@@ -100,6 +102,9 @@ def build(spec: ModelSpec) -> nn.Module:
     elif spec.architecture == "resnet18_hidden_head":
         model = tvm.resnet18(weights=None)
         model.fc = HiddenHead(512, MR_HIDDEN_UNITS)  # ResNet18 pooled features: 512
+    elif spec.architecture == "resnet50_hidden_head":
+        model = tvm.resnet50(weights=None)
+        model.fc = HiddenHead(2048, MR_HIDDEN_UNITS)  # ResNet50 pooled features: 2048
     elif spec.architecture == "localizer_cnn_v1":
         return LocalizerCNN(channels)
     elif spec.architecture in COMPARISON_ARCHITECTURES:

@@ -32,6 +32,8 @@ ARCHITECTURE_TASKS: dict[str, tuple[str, ...]] = {
     "resnext50_32x4d": ("ct_slice_classifier",),
     # Lee et al. 2021: ResNet18, one hidden fully connected layer, sigmoid output.
     "resnet18_hidden_head": ("mr_roi_classifier",),
+    # Lee et al. 2021's comparison: ResNet50 with the same head (``train mr --compare``).
+    "resnet50_hidden_head": ("mr_roi_classifier",),
     # SI-joint localiser: small CNN regressing two boxes (docs/models.md).
     "localizer_cnn_v1": ("si_joint_localizer",),
     # Fu et al. 2024's comparison networks (``sijnode train ct --compare``), linear 1-logit

@@ -163,6 +163,11 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         max_subjects: int | None = typer.Option(
             None, "--max-subjects", min=3, help=_HELP["--max-subjects"]
         ),
+        augment: bool = typer.Option(
+            True,
+            "--augment/--no-augment",
+            help="Flip (boxes swapped), scale and shift image and boxes together.",
+        ),
     ) -> None:
         """Train the SI-joint localiser the MR pipeline uses; exports RUN_DIR/model.safetensors."""
         values = {k: v for k, v in locals().items() if k != "options"}

@@ -44,6 +44,7 @@ class TrainOptions:
     stop_after: int | None = None
     max_subjects: int | None = None
     optimizer: str | None = None
+    augment: bool = True
 
     def config(self, **resolved: Any) -> dict[str, Any]:
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -114,12 +114,49 @@ def _slice_headers(
     return sorted(out, key=lambda item: item[1])
 
 
+def has_pair(boxes: Iterable[RoiAnnotation]) -> bool:
+    """Whether a slice's boxes are exactly one left and one right iliac box."""
+    sides = [b.side for b in boxes]
+    return sorted(sides) == ["left", "right"]
+
+
+def _pair_problems(
+    where: str, headers: list[tuple[Path, int, str, str]], rois: dict[str, list[RoiAnnotation]]
+) -> list[str]:
+    """Edge slices may lack the pair; any other slice without both boxes is a problem.
+
+    Slices beyond the joint, at either end of the series (InstanceNumber order), show at
+    most one ilium in the joint's extent: such leading and trailing slices may have one or
+    no box and are left out of MR training (no two-sided ROI patch). A slice between two
+    annotated pairs without both boxes is a missing annotation, as is a series with no pair
+    or a side annotated twice.
+    """
+    paired = [has_pair(rois.get(sop, ())) for _, _, sop, _ in headers]
+    if not any(paired):
+        return [f"{where}: missing ROI boxes: no slice has both iliac boxes in rois.csv"]
+    first = paired.index(True)
+    last = len(paired) - 1 - paired[::-1].index(True)
+    out = []
+    for k, (_, number, sop, _) in enumerate(headers):
+        sides = sorted(b.side for b in rois.get(sop, ()))
+        if len(sides) != len(set(sides)):
+            out.append(f"{where}: slice InstanceNumber {number} has {sides} boxes in rois.csv")
+        elif first < k < last and not paired[k]:
+            out.append(
+                f"{where}: missing ROI box(es) for slice InstanceNumber {number} "
+                f"(expected left and right in rois.csv, found {sides}; only slices at the "
+                "ends of the series may lack the pair)"
+            )
+    return out
+
+
 def load_dataset(root: Path, modality: Modality, need_rois: bool = False) -> list[StudyRecord]:
     """The labelled studies of ``modality`` under ``root``; raises if anything is wrong.
 
     Checks: both CSV files readable with their columns; each label row's folder holds
     readable DICOM files of the named series; ``slice_labels`` has one character per slice;
-    for MR with ``need_rois``, every slice of the series has both iliac boxes; both classes
+    for MR with ``need_rois``, every slice between the series' first and last annotated pair
+    has both iliac boxes (edge slices may lack them: :func:`_pair_problems`); both classes
     have examples.
     """
     problems: list[str] = []
@@ -171,13 +208,10 @@ def load_dataset(root: Path, modality: Modality, need_rois: bool = False) -> lis
             problems.append(f"{where}: slice_labels may hold only 0 and 1, got {slice_labels!r}")
             continue
         slices = []
+        if need_rois:
+            problems += _pair_problems(where, headers, rois)
         for index, (path, number, sop_uid, _series) in enumerate(headers):
             boxes = tuple(sorted(rois.get(sop_uid, ()), key=lambda b: b.side))
-            if need_rois and {b.side for b in boxes} != {"left", "right"}:
-                problems.append(
-                    f"{where}: missing ROI box(es) for slice InstanceNumber {number} "
-                    f"(expected left and right in rois.csv, found {[b.side for b in boxes]})"
-                )
             slices.append(
                 SliceRecord(
                     path=path,

@@ -1,6 +1,12 @@
 """The MR study (Lee et al. 2021): ROI patches, ResNet18 with a one-hidden-layer head,
 focal loss, batch 32, cosine decay from 0.03, 70/30 subject splits repeated, Tables 2-3.
 
+``--compare`` adds the paper's comparisons on the same splits: ResNet18 on the whole slice
+(Table 2's first row against the ROI row) and ResNet50 with the same head on the ROI
+patches (the paper found it converged less stably). Jobs are named by kind: ``roi``
+(ResNet18, ROI: the deployable one), ``whole`` (ResNet18, whole slice) and ``roi50``
+(ResNet50, ROI).
+
 Each repeat holds 30 % of its training subjects out for validation (model selection and
 thresholds). The exported model is the repeat with the best validation score; its slice
 threshold (Youden's J on validation slices) and subject threshold (Youden's J on the
@@ -50,7 +56,16 @@ def resolved(opts: TrainOptions) -> dict[str, Any]:
         "loss": "focal loss gamma 2, alpha = share of negative training slices",
         "noise_step": True,
         "whole_image": bool(opts.compare),
+        "resnet50": bool(opts.compare),
     }
+
+
+#: Job kinds: (input, architecture, the report's label).
+KINDS: dict[str, tuple[str, str, str]] = {
+    "roi": ("roi", "resnet18_hidden_head", "ResNet18"),
+    "whole": ("whole", "resnet18_hidden_head", "ResNet18"),
+    "roi50": ("roi", "resnet50_hidden_head", "ResNet50"),
+}
 
 
 def prep_for(size: int) -> MRPreprocessing:
@@ -73,7 +88,8 @@ def run_mr(opts: TrainOptions) -> Path:
     run.write_json("splits.json", {s.name: s.as_dict() for s in splits})
     prep = prep_for(int(settings["size"]))
     data = mr_slices(studies, prep, whole_image=bool(settings["whole_image"]))
-    kinds = ["roi", "whole"] if settings["whole_image"] else ["roi"]
+    kinds = ["roi"] + (["whole"] if settings["whole_image"] else [])
+    kinds += ["roi50"] if settings["resnet50"] else []
     results: dict[str, dict[str, Any]] = {}
     for split in splits:
         for kind in kinds:
@@ -101,12 +117,13 @@ def _train(
 ) -> dict[str, Any]:
     name = f"{kind}-{split.name}"
     seed = job_seed(opts.seed, name)
-    inputs = data.roi if kind == "roi" else data.whole
+    source, architecture, _ = KINDS[kind]
+    inputs = data.roi if source == "roi" else data.whole
     assert inputs is not None
     train_idx = data.of_subjects(split.train)
     val_idx = data.of_subjects(split.validation)
     test_idx = data.of_subjects(split.test)
-    spec = mr_spec(size=int(settings["size"]), preprocessing=prep)
+    spec = mr_spec(size=int(settings["size"]), preprocessing=prep, architecture=architecture)
     augmenters: dict[int, Any] = {}
 
     def make_input(idx: npt.NDArray[np.int64], epoch: int) -> npt.NDArray[np.float32]:
@@ -157,7 +174,7 @@ def _train(
         "validation": _predictions(result.model, inputs, val_idx, data, device),
         "test": _predictions(result.model, inputs, test_idx, data, device),
     }
-    if kind == "roi":
+    if source == "roi":
         save_checkpoint(run.path / "jobs" / f"{name}.safetensors", spec, result.best_state)
     run.finish_job(name, record)
     cleanup_state(run.state_dir, name)
@@ -297,30 +314,66 @@ def _report(
     checkpoint: Path,
 ) -> None:
     final = read_spec(checkpoint)
+    # Table 2's rows in the paper's order (ResNet18), then the ResNet50 comparison.
+    order2 = [
+        ("whole", "slices", "Whole image (ResNet18)"),
+        ("roi", "slices", "ROI (ResNet18)"),
+        ("roi", "filtered", "ROI + median filter (ResNet18)"),
+        ("roi50", "slices", "ROI (ResNet50)"),
+        ("roi50", "filtered", "ROI + median filter (ResNet50)"),
+    ]
+    order3 = [
+        ("roi", "Subjects, ResNet18 (ROI + median filter + mean)"),
+        ("roi50", "Subjects, ResNet50 (ROI + median filter + mean)"),
+    ]
     rows2: dict[str, list[dict[str, float]]] = {}
     rows3: dict[str, list[dict[str, float]]] = {}
-    rocs_slices, rocs_subjects = [], []
+    rocs: dict[str, list[tuple[str, Any, Any]]] = {}
     per_fold: dict[str, Any] = {}
     for split in splits:
-        roi = _fold_metrics(data, results[f"roi-{split.name}"], None)
+        fold: dict[str, dict[str, Any]] = {
+            kind: _fold_metrics(data, results[f"{kind}-{split.name}"], None)
+            for kind in KINDS
+            if f"{kind}-{split.name}" in results
+        }
+        roi = fold["roi"]
         per_fold[split.name] = {k: roi[k] for k in ("slices", "filtered", "subjects", "thresholds")}
-        whole_name = f"whole-{split.name}"
-        if whole_name in results:
-            whole = _fold_metrics(data, results[whole_name], None)
-            rows2.setdefault("Whole image", []).append(whole["slices"])
-            per_fold[split.name]["whole"] = whole["slices"]
-        rows2.setdefault("ROI", []).append(roi["slices"])
-        rows2.setdefault("ROI + median filter", []).append(roi["filtered"])
-        rows3.setdefault("Subjects (ROI + median filter + mean)", []).append(roi["subjects"])
-        test = results[f"roi-{split.name}"]["test"]
-        rocs_slices.append((split.name, test["labels"], test["scores"]))
-        rocs_subjects.append((split.name, roi["subject_truth"], roi["subject_probability"]))
+        if "whole" in fold:
+            per_fold[split.name]["whole"] = fold["whole"]["slices"]
+        if "roi50" in fold:
+            per_fold[split.name]["resnet50"] = {
+                k: fold["roi50"][k] for k in ("slices", "filtered", "subjects", "thresholds")
+            }
+        for kind, level, label in order2:
+            if kind in fold:
+                rows2.setdefault(label, []).append(fold[kind][level])
+        for kind, label in order3:
+            if kind in fold:
+                rows3.setdefault(label, []).append(fold[kind]["subjects"])
+        for kind, metrics in fold.items():
+            test = results[f"{kind}-{split.name}"]["test"]
+            rocs.setdefault(f"slices_{kind}", []).append(
+                (split.name, test["labels"], test["scores"])
+            )
+            if kind != "whole":
+                rocs.setdefault(f"subjects_{kind}", []).append(
+                    (split.name, metrics["subject_truth"], metrics["subject_probability"])
+                )
     run.write_json("results.json", per_fold)
-    reporting.roc_png(rocs_slices, run.path / "plots/roc_slices.png")
-    reporting.roc_png(rocs_subjects, run.path / "plots/roc_subjects.png")
+    # ResNet18 ROI keeps the historical names; the comparisons get their own files.
+    names = {"slices_roi": "roc_slices", "subjects_roi": "roc_subjects"}
+    figures = []
+    for key, folds in rocs.items():
+        name = names.get(key, f"roc_{key}")
+        reporting.roc_png(folds, run.path / f"plots/{name}.png")
+        level, kind = key.split("_")
+        _, _, network = KINDS[kind]
+        what = "whole image" if kind == "whole" else "ROI"
+        figures.append(f"![ROC per repeat, {level}, {network} {what}](plots/{name}.png)")
+    labels = {"roi": "ROI, ResNet18", "whole": "Whole image, ResNet18", "roi50": "ROI, ResNet50"}
     curves = {
-        kind: [r["history"] for r in results.values() if r["kind"] == kind]
-        for kind in ("roi", "whole")
+        labels[kind]: [r["history"] for r in results.values() if r["kind"] == kind]
+        for kind in KINDS
     }
     curves = {k: v for k, v in curves.items() if v}
     reporting.write_curves_png(
@@ -334,6 +387,7 @@ def _report(
         curves, "train_loss", run.path / "plots/training_loss.png", "Focal loss", "MR training loss"
     )
     ops = final.operating_points
+    total = sum(len(study.slices) for study in data.studies)
     lines = [
         "# MR training report (research use only)",
         "",
@@ -343,14 +397,25 @@ def _report(
         f"{settings['batch_size']}; {settings['optimizer']} with cosine decay from "
         f"{settings['lr']}; horizontal "
         f"flip and rotation only; {settings['folds']} repeats of a 70/30 subject split with "
-        "30 % of the training subjects held out for validation; {settings['epochs']} epochs; patch "
-        f"{settings['size']}²; "
+        f"30 % of the training subjects held out for validation; {settings['epochs']} epochs; "
+        f"patch {settings['size']}²; "
         + (
             "ImageNet-pretrained initialisation."
             if run.config.get("pretrained")
             else "trained from scratch (no pretrained weights)."
         )
-        + " Thresholds per repeat: Youden's J on its validation subjects.",
+        + " Thresholds per repeat: Youden's J on its validation subjects. "
+        + (
+            "Comparisons on the same splits: ResNet18 on the whole slice (same noise step and "
+            "scaling, letterboxed to the patch size) and ResNet50 with the same head on the "
+            "ROI patches."
+            if settings.get("resnet50") or settings.get("whole_image")
+            else "No comparisons (--no-compare)."
+        ),
+        "",
+        f"Slices: {len(data.labels)} with both annotated iliac boxes, of {total} in the series; "
+        f"{total - len(data.labels)} edge slices without the pair are left out "
+        "(docs/training.md).",
         "",
         "## Table 2 layout: slices, mean ± sd over repeats (%)",
         "",
@@ -370,10 +435,7 @@ def _report(
         "",
         "## Figures",
         "",
-        "![ROC per repeat, slices](plots/roc_slices.png)",
-        "",
-        "![ROC per repeat, subjects](plots/roc_subjects.png)",
-        "",
+        *[line for figure in figures for line in (figure, "")],
         "![Training curves](plots/training_curves.png)",
         "",
         "![Training loss](plots/training_loss.png)",

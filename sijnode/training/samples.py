@@ -15,6 +15,7 @@ preprocessed by :mod:`sijnode.models.preprocess` and :mod:`sijnode.models.roi`:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -328,12 +329,28 @@ def localizer_slices(
     )
 
 
-def joint_region(iliac: Box, roi: Box) -> Box:
-    """The annotated joint: the part of the iliac box the annotated ROI keeps (it holds the
-    joint surface, on the sacral side of the ilium)."""
-    return Box(
-        max(iliac.x0, roi.x0), max(iliac.y0, roi.y0), min(iliac.x1, roi.x1), min(iliac.y1, roi.y1)
-    )
+#: Half-width of the annotated joint band, as a share of the iliac box's width.
+JOINT_BAND = 0.1
+#: Share of each band the predicted ROI must hold. Chosen on synthetic studies, whose joint
+#: pixels are known (3 seeds, 18 subjects, annotated boxes perturbed by 0-20 % of their
+#: size, 4319 slices): "80 % of both bands" agrees with "90 % of the joint's pixels inside
+#: the ROI boxes" on 91 % of slices (6 % too generous, 3 % too strict); 90 % of the bands
+#: agrees on 84 %, mostly by denying joints the ROI holds.
+JOINT_COVERED = 0.8
+
+
+def joint_band(iliac: Box, image_left: bool, half_width: float = JOINT_BAND) -> Box:
+    """The annotated joint of one side: a band of columns centred on the iliac box's medial
+    edge (its edge toward the sacrum: ``x1`` for the image-left box, ``x0`` for the
+    image-right one), ``half_width`` × the box width either side, over the box's rows.
+
+    The articular surface is the ilium's border with the sacrum, so the box edge marks it;
+    the paper's ROI (moved 0.8 × width toward the sacrum) keeps 0.2 × width of the ilium
+    and so holds this band, with 0.1 × width to spare on the iliac side.
+    """
+    edge = iliac.x1 if image_left else iliac.x0
+    half = half_width * iliac.width
+    return Box(math.floor(edge - half), iliac.y0, math.ceil(edge + half), iliac.y1)
 
 
 def covered_fraction(region: Box, by: Box) -> float:
@@ -348,18 +365,14 @@ def covered_fraction(region: Box, by: Box) -> float:
 
 
 def roi_contains_joint(
-    annotated: tuple[Box, Box],
-    predicted: RoiBoxes | None,
-    shape: tuple[int, int],
-    shift: float,
-    fraction: float = 0.9,
+    annotated: tuple[Box, Box], predicted: RoiBoxes | None, fraction: float = JOINT_COVERED
 ) -> bool:
-    """Whether the ROI from predicted boxes covers ``fraction`` of both annotated joints."""
-    truth = roi_boxes(*annotated, shape, shift)
-    if predicted is None or truth is None:
+    """Whether the ROI boxes built from predicted iliac boxes hold at least ``fraction`` of
+    both annotated joint bands (:func:`joint_band`), each in the ROI box of its side."""
+    if predicted is None:
         return False
-    left = joint_region(annotated[0], truth.left)
-    right = joint_region(annotated[1], truth.right)
+    left = joint_band(annotated[0], image_left=True)
+    right = joint_band(annotated[1], image_left=False)
     return covered_fraction(left, predicted.left) >= fraction and (
         covered_fraction(right, predicted.right) >= fraction
     )
