@@ -1,24 +1,62 @@
-"""Learning: quick CPU runs on synthetic subjects train a localiser and an MR model, and a
-CT model; the checkpoints verify and load in the node's pipelines, and on held-out
-synthetic studies (subjects never seen in training) the pipelines' ``predict`` gives a
-subject (MR) and study (CT) ROC AUC of at least 0.95 (``sijnode.evaluation``)."""
+"""Learning, directly and through the node: quick CPU runs on synthetic subjects train a
+localiser and an MR model, and a CT model (once per module); on held-out synthetic studies
+(subjects never seen in training):
+
+- the localiser's boxes match the annotations (IoU) and the ROI patches built from them
+  hold the annotated joint, checked against the joint pixels the phantom knows;
+- the pipelines' ``predict`` gives a subject (MR) and study (CT) ROC AUC of at least 0.95;
+- through the node: the checkpoints are imported (``sijnode models import``), the studies
+  are sent by C-STORE (pynetdicom for MR, DCMTK ``storescu`` for CT) to a running node with
+  an embedded worker, their labels are imported (``sijnode audit truth import``), and
+  ``sijnode audit metrics`` gives ROC AUC of at least 0.95 per pipeline.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.dataset import Dataset
 from typer.testing import CliRunner
 
+from sijnode.db.migrate import upgrade
+from sijnode.db.schema import JobState
 from sijnode.evaluation import roc_auc
-from sijnode.models.checkpoint import verify_checkpoint
+from sijnode.models.checkpoint import load_model, verify_checkpoint
+from sijnode.models.roi import roi_boxes
+from sijnode.models.spec import MRPreprocessing
 from sijnode.synth import generate_dataset, write_dataset
+from sijnode.synth.truth import Tissue
+from sijnode.training.data import load_dataset
+from sijnode.training.engine import Device, predict
 from sijnode.training.evaluate import pipeline_scores
+from sijnode.training.localizer_study import localizer_quality
+from sijnode.training.samples import localizer_slices
+from tests.conftest import require_tool
+from tests.end_to_end import wait_job
+from tests.nodes import node_settings, running_node, send
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SIJNODE = str(Path(sys.executable).parent / "sijnode")
+#: The held-out studies: their own seed, so their own anatomy and lesions.
+TEST_SEED, TEST_SUBJECTS, TEST_SLICES = 97, 8, 8
+#: CT's bar depends on the CT learning work (docs/training.md, "Learning check").
+CT_REASON = (
+    "not met yet: a quick CPU run of ResNeXt-50 from scratch reaches study AUC 0.81-0.94 on "
+    "held-out synthetic subjects, below the issue's 0.95 (docs/training.md)"
+)
+CT_NOT_MET = pytest.mark.xfail(strict=False, reason=CT_REASON)
 
 
 def _train(*args: str) -> None:
@@ -38,7 +76,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         root / "train", generate_dataset(seed=21, n_subjects=16, positive_fraction=0.5, n_slices=8)
     )
     write_dataset(
-        root / "test", generate_dataset(seed=97, n_subjects=8, positive_fraction=0.5, n_slices=8)
+        root / "test",
+        generate_dataset(
+            seed=TEST_SEED, n_subjects=TEST_SUBJECTS, positive_fraction=0.5, n_slices=TEST_SLICES
+        ),
     )
     # CT: more subjects with fewer slices each (the network overfits 11 subjects).
     write_dataset(
@@ -48,17 +89,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"train": root / "train", "test": root / "test", "ct-train": root / "ct-train"}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_mr_localiser_and_classifier_learn(data: dict[str, Path], tmp_path: Path) -> None:
-    train, test = data["train"], data["test"]
-    _train("localizer", "--data", str(train), "--out", str(tmp_path / "loc"))
+@pytest.fixture(scope="module")
+def mr_models(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The localiser and the MR classifier, trained once for the module."""
+    out = tmp_path_factory.mktemp("mr-runs")
+    _train("localizer", "--data", str(data["train"]), "--out", str(out / "loc"))
     _train(
         "mr",
         "--data",
-        str(train),
+        str(data["train"]),
         "--out",
-        str(tmp_path / "mr"),
+        str(out / "mr"),
         "--folds",
         "1",
         "--no-compare",
@@ -69,36 +110,19 @@ def test_mr_localiser_and_classifier_learn(data: dict[str, Path], tmp_path: Path
         "--optimizer",
         "adam",
     )
-    loc = verify_checkpoint(tmp_path / "loc/model.safetensors", "si_joint_localizer")
-    mr = verify_checkpoint(tmp_path / "mr/model.safetensors", "mr_roi_classifier")
-    assert mr.operating_points.chosen_by.startswith("slice: Youden")
-    assert loc.training["test"]["iou"] > 0.3
-    labels, scores, _ = pipeline_scores(
-        "mr",
-        {
-            "model": tmp_path / "mr/model.safetensors",
-            "localizer": tmp_path / "loc/model.safetensors",
-        },
-        test,
-    )
-    assert roc_auc(np.asarray(labels, bool), scores) >= 0.95, (labels, scores)
+    return {"model": out / "mr/model.safetensors", "localizer": out / "loc/model.safetensors"}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-@pytest.mark.xfail(
-    strict=False,
-    reason="not met yet: a quick CPU run of ResNeXt-50 from scratch reaches study AUC "
-    "0.81-0.94 on held-out synthetic subjects, below the issue's 0.95 (docs/training.md)",
-)
-def test_ct_classifier_learns(data: dict[str, Path], tmp_path: Path) -> None:
-    train, test = data["ct-train"], data["test"]
+@pytest.fixture(scope="module")
+def ct_model(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CT classifier (``sijnode train ct`` as it is), trained once for the module."""
+    out = tmp_path_factory.mktemp("ct-run")
     _train(
         "ct",
         "--data",
-        str(train),
+        str(data["ct-train"]),
         "--out",
-        str(tmp_path / "ct"),
+        str(out / "ct"),
         "--folds",
         "1",
         "--epochs",
@@ -106,7 +130,206 @@ def test_ct_classifier_learns(data: dict[str, Path], tmp_path: Path) -> None:
         "--size",
         "96",
     )
-    spec = verify_checkpoint(tmp_path / "ct/model.safetensors", "ct_slice_classifier")
-    assert spec.preprocessing.whitening is not None  # type: ignore[union-attr]
-    labels, scores, _ = pipeline_scores("ct", {"model": tmp_path / "ct/model.safetensors"}, test)
+    return out / "ct/model.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_localiser_boxes_hold_the_joint_on_held_out_subjects(
+    data: dict[str, Path], mr_models: dict[str, Path]
+) -> None:
+    spec = verify_checkpoint(mr_models["localizer"], "si_joint_localizer")
+    own = spec.training["test"]  # the run's own held-out subjects, as its report gives
+    assert own["iou"] > 0.6 and own["contains_joint"] >= 0.5, own
+    assert (
+        "contains the annotated joint" in (mr_models["localizer"].parent / "report.md").read_text()
+    )
+
+    model, spec = load_model(mr_models["localizer"])
+    model = model.float()
+    studies = load_dataset(data["test"], "MR", need_rois=True)
+    rules = spec.preprocessing
+    slices = localizer_slices(studies, rules, spec.input_size, MRPreprocessing())  # type: ignore[arg-type]
+    device = Device("cpu", quiet=True)
+    everything = np.arange(len(slices.targets))
+    quality = localizer_quality(model, slices, everything, device, rules, 0.8)
+    print(f"localiser on held-out subjects: {quality}")
+    assert quality["iou"] > 0.65 and quality["plausible"] == 1.0, quality
+    assert quality["contains_joint"] >= 0.6, quality
+
+    # The box measure against the truth the phantom knows: the share of each slice's joint
+    # pixels inside the ROI boxes built from the predicted iliac boxes.
+    from sijnode.models.localizer import _to_source, check_boxes
+
+    phantoms = {
+        s.study_instance_uid: s
+        for s in generate_dataset(
+            seed=TEST_SEED,
+            n_subjects=TEST_SUBJECTS,
+            positive_fraction=0.5,
+            modality="mr",
+            n_slices=TEST_SLICES,
+        )
+    }
+    out = predict(model, slices.inputs, device)
+    held = []
+    for k, values in enumerate(out):
+        found = check_boxes(k, _to_source(values, slices.placements[k]), slices.shapes[k], rules)  # type: ignore[arg-type]
+        assert found.boxes is not None
+        rois = roi_boxes(*found.boxes, slices.shapes[k], 0.8)
+        assert rois is not None
+        phantom = phantoms[slices.studies[int(slices.study[k])].study_instance_uid]
+        position = int(np.sum(slices.study[:k] == slices.study[k]))
+        joint = phantom.labelmap[position] == Tissue.JOINT
+        if joint.sum() < 50:  # the joint barely cuts this slice
+            continue
+        inside = np.zeros_like(joint)
+        for box in (rois.left, rois.right):
+            inside[box.y0 : box.y1, box.x0 : box.x1] = True
+        held.append((joint & inside).sum() / joint.sum())
+    share = float(np.mean(np.asarray(held) >= 0.9))
+    print(f"ROI boxes holding >= 90 % of the joint's pixels: {share:.3f} of {len(held)} slices")
+    assert share >= 0.7, (share, held)
+    # The box measure is no more generous than the pixels: it never claims much more.
+    assert quality["contains_joint"] <= share + 0.1, (quality, share)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_mr_localiser_and_classifier_learn(
+    data: dict[str, Path], mr_models: dict[str, Path]
+) -> None:
+    mr = verify_checkpoint(mr_models["model"], "mr_roi_classifier")
+    assert mr.operating_points.chosen_by.startswith("slice: Youden")
+    labels, scores, _ = pipeline_scores("mr", mr_models, data["test"])
     assert roc_auc(np.asarray(labels, bool), scores) >= 0.95, (labels, scores)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@CT_NOT_MET
+def test_ct_classifier_learns(data: dict[str, Path], ct_model: Path) -> None:
+    spec = verify_checkpoint(ct_model, "ct_slice_classifier")
+    assert spec.preprocessing.whitening is not None  # type: ignore[union-attr]
+    labels, scores, _ = pipeline_scores("ct", {"model": ct_model}, data["test"])
+    assert roc_auc(np.asarray(labels, bool), scores) >= 0.95, (labels, scores)
+
+
+# -- through the node ---------------------------------------------------------------------
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([SIJNODE, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"sijnode {' '.join(args)}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def _imported(output: str) -> str:
+    """The version from ``imported VERSION (...)``."""
+    assert output.startswith("imported "), output
+    return output.split()[1]
+
+
+@pytest.fixture(scope="module")
+def node_audit(
+    data: dict[str, Path],
+    mr_models: dict[str, Path],
+    ct_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, str]]:
+    """A node run over every held-out study; yields the audit's environment (the node is
+    stopped, the audit database stays) after the labels are imported."""
+    storescu = require_tool("storescu")
+    tmp = tmp_path_factory.mktemp("node")
+    base = node_settings(tmp, data_dir=str(tmp / "data"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIJNODE_")} | {
+        "SIJNODE_DATABASE__URL": base.database.url,
+        "SIJNODE_DATABASE__PSEUDONYM_SECRET": base.database.pseudonym_secret,
+        "SIJNODE_DATA_DIR": str(base.data_dir),
+    }
+    upgrade(base.database.url)
+    versions = {
+        "ct": _imported(_cli(env, "models", "import", str(ct_model), "--task", "ct")),
+        "mr": _imported(_cli(env, "models", "import", str(mr_models["model"]), "--task", "mr")),
+        "loc": _imported(
+            _cli(
+                env, "models", "import", str(mr_models["localizer"]), "--task", "si_joint_localizer"
+            )
+        ),
+    }
+    common: dict[str, Any] = {"device": "cpu", "batch_size": 8, "gradcam": {"max_images": 1}}
+    settings = node_settings(
+        tmp,
+        data_dir=str(tmp / "data"),
+        pipelines={
+            "ct": {"model": versions["ct"], **common},
+            "mr": {"model": versions["mr"], "localizer": versions["loc"], **common},
+        },
+    )
+    with (data["test"] / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with running_node(settings, migrate=False) as node:
+        for row in rows:
+            files = sorted((data["test"] / row["folder"]).iterdir())
+            if row["modality"] == "MR":  # pynetdicom
+                datasets: list[Dataset] = [pydicom.dcmread(p) for p in files]
+                assert set(send(datasets, node.scp.port)) == {0}
+            else:  # DCMTK
+                peer = [storescu, "-aet", "MODALITY1", "-aec", "SIJNODE", "127.0.0.1"]
+                proc = subprocess.run(
+                    [*peer, str(node.scp.port), *map(str, files)],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert proc.returncode == 0, proc.stderr
+        for row in rows:
+            wait_job(node.sessions, row["StudyInstanceUID"], JobState.REPORTED, timeout=600)
+    truth = tmp / "truth.csv"
+    with truth.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["study_instance_uid", "label", "reader_id"])
+        writer.writeheader()
+        writer.writerows(
+            {"study_instance_uid": r["StudyInstanceUID"], "label": r["label"], "reader_id": "r1"}
+            for r in rows
+        )
+    assert _cli(env, "audit", "truth", "import", str(truth)).startswith(f"imported {len(rows)}")
+    yield env
+
+
+def _metrics(env: dict[str, str], pipeline: str) -> dict[str, Any]:
+    out = json.loads(
+        _cli(
+            env,
+            "audit",
+            "metrics",
+            "--pipeline",
+            pipeline,
+            "--format",
+            "json",
+            "--resamples",
+            "200",
+        )
+    )
+    (group,) = out["groups"]
+    return group
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_mr_learns_through_the_node(node_audit: dict[str, str]) -> None:
+    group = _metrics(node_audit, "mr")
+    assert group["n"] == TEST_SUBJECTS and group["positives"] == TEST_SUBJECTS // 2, group
+    print(f"MR subject ROC AUC through the node: {group['metrics']['roc_auc']}")
+    assert group["metrics"]["roc_auc"]["estimate"] >= 0.95, group
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_ct_learns_through_the_node(node_audit: dict[str, str]) -> None:
+    group = _metrics(node_audit, "ct")
+    assert group["n"] == TEST_SUBJECTS and group["positives"] == TEST_SUBJECTS // 2, group
+    auc = group["metrics"]["roc_auc"]["estimate"]
+    print(f"CT study ROC AUC through the node: {group['metrics']['roc_auc']}")
+    if auc < 0.95:  # only the bar depends on the CT learning work; the rest must hold
+        pytest.xfail(f"CT study AUC {auc:.3f} < 0.95 through the node; {CT_REASON}")

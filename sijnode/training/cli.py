@@ -110,7 +110,9 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
             None, "--folds", min=1, help="Repeats of the 70/30 split."
         ),
         compare: bool = typer.Option(
-            True, "--compare/--no-compare", help="Also train on whole images (Table 2 row 1)."
+            True,
+            "--compare/--no-compare",
+            help="Also train ResNet18 on whole images and ResNet50 on ROI patches (Table 2).",
         ),
         size: int | None = typer.Option(None, "--size", min=32, help="ROI patch size."),
         batch_size: int | None = typer.Option(
