@@ -223,7 +223,7 @@ def test_a_node_that_starts_reports_and_delivers_a_job_left_inferred(tmp_path: P
                 assert job.state is not JobState.FAILED, job.error
                 return job.state is JobState.DELIVERED
 
-        wait_for(delivered, timeout=120, interval=0.2)
+        wait_for(delivered, timeout=240, interval=0.2)  # the report is built in a child
         got = received(out)
     assert sorted(str(ds.SOPClassUID) for ds in got) == [
         "1.2.840.10008.5.1.4.1.1.7",
@@ -405,7 +405,7 @@ def test_a_report_only_job_is_built_in_the_embedded_child_not_the_listener(
         wait_for(lambda: done == [waiting], timeout=30)
         assert worker.child_pid is None, "no_model bookkeeping needs no child"
         worker.send(JobMessage(job_id=job_id, pipeline="ct", spool_paths=[]))
-        wait_for(lambda: len(done) == 2, timeout=120)
+        wait_for(lambda: len(done) == 2, timeout=240)
         assert worker.child_pid is not None, "the report ran in a child"
     finally:
         worker.stop()
