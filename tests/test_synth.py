@@ -380,3 +380,19 @@ def test_write_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(SynthesisError, match="empty"):
         write_dataset(tmp_path, [])
+
+
+def test_a_scan_on_29_february_gives_a_valid_age() -> None:
+    """Subject 59 is scanned on 2024-02-29; most birth years have no such day."""
+    from datetime import date
+
+    from sijnode.synth.dicom import BASE_DATE, make_patient
+
+    for seed in range(20):
+        patient = make_patient(seed, 59, np.random.default_rng(seed))
+        birth = date.fromisoformat(
+            f"{patient.birth_date[:4]}-{patient.birth_date[4:6]}-{patient.birth_date[6:]}"
+        )
+        scan = BASE_DATE.replace(month=2, day=29)
+        had_birthday = (birth.month, birth.day) <= (2, 29)
+        assert int(patient.age[:3]) == scan.year - birth.year - (0 if had_birthday else 1)

@@ -66,7 +66,7 @@ def make_patient(seed: int, subject_index: int, rng: np.random.Generator) -> Pat
     age = int(rng.integers(18, 60))
     scan_day = BASE_DATE + timedelta(days=subject_index)
     birth = date(scan_day.year - age, 1 + int(rng.integers(0, 12)), 1 + int(rng.integers(0, 28)))
-    if birth > scan_day.replace(year=birth.year):
+    if (birth.month, birth.day) > (scan_day.month, scan_day.day):  # no birthday yet
         age -= 1
     return Patient(
         subject_index=subject_index,
