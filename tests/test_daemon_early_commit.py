@@ -169,3 +169,40 @@ def test_an_identical_copy_sent_meanwhile_waits_for_the_first(
         else:
             assert statuses == [SUCCESS, SUCCESS]
             assert len(rows) == 2
+
+
+def test_a_row_whose_delete_failed_holds_its_study_until_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush fails and so does the first delete of its row (the audit is down at that
+    moment, simulated): the study is not completed until the completion loop's retry has
+    removed the row; then it completes with the acknowledged instances only."""
+    from sijnode.daemon.ingest import Ingestor
+
+    study = make_study("early-owed", n=3)
+    uid = str(study[0].StudyInstanceUID)
+    real = Ingestor._unrecord
+    calls: list[int] = []
+
+    def flaky(self: Ingestor, unplaced: object) -> bool:
+        calls.append(1)
+        return False if len(calls) == 1 else real(self, unplaced)  # type: ignore[arg-type]
+
+    def fail_third(n: int, fd: int) -> None:
+        if n == 3:
+            raise OSError(errno.EIO, "simulated I/O error")
+
+    settings = node_settings(tmp_path, completion={"quiet_seconds": 600})
+    with running_node(settings) as node:
+        monkeypatch.setattr(Ingestor, "_unrecord", flaky)
+        with staged_fsync(monkeypatch, fail_third):
+            statuses = send(study, node.scp.port)
+        assert statuses[2] not in (SUCCESS, -1) and statuses.count(SUCCESS) == 2
+        assert count(node, Instance) == 3  # the failed instance's row is still there
+        with node.ingestor.writer_turn() as held:
+            assert len(held) == 1  # its study is held back
+        node.ingestor.retry_unrecord()  # what the completion loop does first
+        assert len(calls) == 2 and count(node, Instance) == 2
+        with node.ingestor.writer_turn() as held:
+            assert held == frozenset()
+        assert _study_state(node, uid) is StudyState.RECEIVING

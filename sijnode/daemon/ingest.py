@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -102,11 +101,10 @@ class Ingestor:
         self._lock = threading.Lock()
         # Helpers hash and flush fragments while they arrive, and fsync the finished file.
         self._helpers = ThreadPoolExecutor(workers, thread_name_prefix="sijnode-stage")
-        # Committed rows whose files are not placed yet, by spool path, and their studies
-        # (changed under ``_lock``; read by the completion loop).
+        # Committed rows whose files are not placed yet, by spool path, and rows of failed
+        # instances whose delete failed too (retried by retry_unrecord()); both hold their
+        # studies back from completion. Changed under ``_lock``.
         self._unplaced: dict[str, _Unplaced] = {}
-        self._held_studies: Counter[int] = Counter()
-        # Rows of failed instances whose delete failed too: retried by retry_unrecord().
         self._unrecord_owed: list[_Unplaced] = []
 
     def staged_file(self) -> StagedFile:
@@ -225,16 +223,12 @@ class Ingestor:
     def _hold(self, relpath: str, unplaced: _Unplaced) -> None:
         """Mark a row as committed before its file is placed (under the writer's turn)."""
         self._unplaced[relpath] = unplaced
-        self._held_studies[unplaced.study_id] += 1
 
     def _release(self, relpath: str, unplaced: _Unplaced, placed: bool) -> None:
         """The file is placed (or its row is gone again): the study may complete."""
         with self._lock:
             if self._unplaced.get(relpath) is unplaced:
                 del self._unplaced[relpath]
-            self._held_studies[unplaced.study_id] -= 1
-            if self._held_studies[unplaced.study_id] <= 0:
-                del self._held_studies[unplaced.study_id]
         unplaced.placed = placed
         unplaced.done.set()
 
@@ -250,15 +244,10 @@ class Ingestor:
         except BaseException:
             if published:
                 self.spool.path(relpath).unlink(missing_ok=True)
-            if self._unrecord(unplaced):
-                self._release(relpath, unplaced, placed=False)
-            else:
-                with self._lock:
+            if not self._unrecord(unplaced):
+                with self._lock:  # the study stays held back until the row is gone
                     self._unrecord_owed.append(unplaced)
-                    # the study stays held back until the row is gone (retry_unrecord)
-                    if self._unplaced.get(relpath) is unplaced:
-                        del self._unplaced[relpath]
-                unplaced.done.set()
+            self._release(relpath, unplaced, placed=False)
             raise
         self._release(relpath, unplaced, placed=True)
 
@@ -283,22 +272,16 @@ class Ingestor:
         """Retry the deletes owed for failed instances (the completion loop calls this)."""
         with self._lock:
             owed, self._unrecord_owed = self._unrecord_owed, []
-        for unplaced in owed:
-            if self._unrecord(unplaced):
-                with self._lock:
-                    self._held_studies[unplaced.study_id] -= 1
-                    if self._held_studies[unplaced.study_id] <= 0:
-                        del self._held_studies[unplaced.study_id]
-            else:
-                with self._lock:
-                    self._unrecord_owed.append(unplaced)
+        still = [unplaced for unplaced in owed if not self._unrecord(unplaced)]
+        with self._lock:
+            self._unrecord_owed += still
 
     @contextmanager
     def writer_turn(self) -> Iterator[frozenset[int]]:
         """The writer's turn, and the studies with a committed row whose file is not in
         place yet (they must not be judged complete): for the completion loop."""
         with self._lock:
-            yield frozenset(self._held_studies)
+            yield frozenset(u.study_id for u in [*self._unplaced.values(), *self._unrecord_owed])
 
     def _record(
         self,
