@@ -174,35 +174,57 @@ def test_an_identical_copy_sent_meanwhile_waits_for_the_first(
 def test_a_row_whose_delete_failed_holds_its_study_until_the_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The flush fails and so does the first delete of its row (the audit is down at that
-    moment, simulated): the study is not completed until the completion loop's retry has
-    removed the row; then it completes with the acknowledged instances only."""
+    """The flush fails and so does the delete of its row (the audit is down, simulated,
+    until the test lets it recover): the study is held back while the row is there; once
+    the audit answers, the completion loop's own retry removes the row and the study is
+    no longer held, with the acknowledged instances only."""
     from sijnode.daemon.ingest import Ingestor
 
     study = make_study("early-owed", n=3)
     uid = str(study[0].StudyInstanceUID)
     real = Ingestor._unrecord
-    calls: list[int] = []
+    audit_up = threading.Event()
+    calls: list[bool] = []
 
     def flaky(self: Ingestor, unplaced: object) -> bool:
-        calls.append(1)
-        return False if len(calls) == 1 else real(self, unplaced)  # type: ignore[arg-type]
+        calls.append(audit_up.is_set())
+        return real(self, unplaced) if audit_up.is_set() else False  # type: ignore[arg-type]
+
+    real_hold = Ingestor._hold
+    held_early = threading.Event()
+
+    def hold(self: Ingestor, relpath: str, unplaced: object) -> None:
+        real_hold(self, relpath, unplaced)  # type: ignore[arg-type]
+        held_early.set()
 
     def fail_third(n: int, fd: int) -> None:
         if n == 3:
+            # fail once the row is on its way to commit (the early-commit path): a flush
+            # that failed before that is refused without a row (the other tests)
+            held_early.wait(10)
             raise OSError(errno.EIO, "simulated I/O error")
 
-    settings = node_settings(tmp_path, completion={"quiet_seconds": 600})
+    settings = node_settings(
+        tmp_path, completion={"quiet_seconds": 600, "check_interval_seconds": 0.2}
+    )
     with running_node(settings) as node:
         monkeypatch.setattr(Ingestor, "_unrecord", flaky)
         with staged_fsync(monkeypatch, fail_third):
-            statuses = send(study, node.scp.port)
+            statuses = send(study[:2], node.scp.port)
+            monkeypatch.setattr(Ingestor, "_hold", hold)  # the third instance's hold
+            statuses += send(study[2:], node.scp.port)
         assert statuses[2] not in (SUCCESS, -1) and statuses.count(SUCCESS) == 2
+        wait_for(lambda: len(calls) >= 3, timeout=30)  # the loop has retried, in vain
         assert count(node, Instance) == 3  # the failed instance's row is still there
         with node.ingestor.writer_turn() as held:
             assert len(held) == 1  # its study is held back
-        node.ingestor.retry_unrecord()  # what the completion loop does first
-        assert len(calls) == 2 and count(node, Instance) == 2
-        with node.ingestor.writer_turn() as held:
-            assert held == frozenset()
+        audit_up.set()
+        wait_for(lambda: count(node, Instance) == 2, timeout=30)  # the loop's retry
+        assert calls[-1] is True
+
+        def held_now() -> frozenset[int]:
+            with node.ingestor.writer_turn() as held:
+                return held
+
+        wait_for(lambda: held_now() == frozenset(), timeout=10)
         assert _study_state(node, uid) is StudyState.RECEIVING

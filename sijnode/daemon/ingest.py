@@ -271,10 +271,12 @@ class Ingestor:
     def retry_unrecord(self) -> None:
         """Retry the deletes owed for failed instances (the completion loop calls this)."""
         with self._lock:
-            owed, self._unrecord_owed = self._unrecord_owed, []
-        still = [unplaced for unplaced in owed if not self._unrecord(unplaced)]
+            owed = list(self._unrecord_owed)
+        # An entry leaves the list only once its row is gone, so the study stays held
+        # back while the delete is retried (a second retry of the same row is a no-op).
+        removed = {id(unplaced) for unplaced in owed if self._unrecord(unplaced)}
         with self._lock:
-            self._unrecord_owed += still
+            self._unrecord_owed = [u for u in self._unrecord_owed if id(u) not in removed]
 
     @contextmanager
     def writer_turn(self) -> Iterator[frozenset[int]]:
