@@ -271,10 +271,12 @@ class DatabaseSettings(_Section):
         description="Keep a table that maps pseudonyms back to identifiers (off by default).",
     )
     echo: bool = Field(False, description="Log every SQL statement (debugging only).")
-    sqlite_synchronous: Literal["full", "normal"] = Field(
-        "full",
+    sqlite_synchronous: Literal["full", "spool", "normal"] = Field(
+        "spool",
         description=(
-            "SQLite only: 'full' fsyncs every commit; 'normal' commits survive a crash of the "
+            "SQLite only: 'full' fsyncs every commit; 'spool' (the default) fsyncs every commit "
+            "but a received instance's own row, which the fsynced spool file restores at "
+            "start-up after a power loss; 'normal' fsyncs none: commits survive a crash of the "
             "node but not always a power loss (the fsynced spool is re-recorded at start-up)."
         ),
     )

@@ -21,7 +21,11 @@ first instance of a series, :attr:`IngestResult.fresh`) writes one row and nothi
 so its transaction commits *while* the file's fsync runs (2 beside 1), and the file is
 placed and its directory synced after: the two flushes that durability needs overlap
 instead of following each other, and the writer's turn no longer waits for the file's
-fsync (issue 15, docs/benchmarks.md). Until the file is in place the row is *unplaced*:
+fsync (issue 15, docs/benchmarks.md). With SQLite's default ``sqlite_synchronous = "spool"``
+that commit skips its WAL fsync (``synchronous=NORMAL``): the file, fsynced before Success,
+holds everything the row does, and start-up recovery records a file whose row a power
+loss took (docs/receiving.md, "Durability of the audit row"). Until the file is in place
+the row is *unplaced*:
 
 - the study is not judged complete (:meth:`Ingestor.writer_turn`), so no job reads
   a file that is not there yet;
@@ -46,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete
+from sqlalchemy import Engine, delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from sijnode.daemon.header import InstanceHeader, read_header
@@ -81,6 +85,15 @@ class _Unplaced:
     placed: bool = False
 
 
+@dataclass
+class _LongWay:
+    """What the long way did so far: the file it placed, its flush, a copy to wait for."""
+
+    published: str | None = None
+    synced: Future[None] | None = None
+    wait_for: _Unplaced | None = None
+
+
 class Ingestor:
     """Stores and records instances; one per node, shared by association threads."""
 
@@ -91,9 +104,12 @@ class Ingestor:
         audit: DatabaseSettings,
         site: str = "default",
         workers: int = 8,
+        fresh_sessions: sessionmaker[Session] | None = None,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
+        # The hot path's one-row commits (sijnode.db.engine.fresh_row_sessions).
+        self.fresh_sessions = fresh_sessions or sessions
         self.audit = audit
         self.rows = InstanceRecorder(audit, site, spool.relpath_for)
         # One writer at a time: get-or-create of study and series rows stays simple, and
@@ -131,72 +147,35 @@ class Ingestor:
         nothing was acknowledged, the temporary file is gone and the caller must answer
         with a failure status.
         """
-        published: str | None = None
         early: _Unplaced | None = None  # the hot path: committed before the file is placed
-        wait_for: _Unplaced | None = None  # an identical copy being placed by another
+        long = _LongWay()  # the other paths' file and flush
         staged.start_seal()  # 1. seal: the final fsync runs in a helper meanwhile
         try:
             header = self._read(staged)
             now = received_at or utcnow()
-            synced: Future[None] | None = None
             self._lock.acquire()  # the writer's turn
             try:
-                with transaction(self.sessions) as session:
-                    # 2. record (the per-transaction cache entries live in ``pending``)
-                    try:
-                        pending = PendingRows()
-                        result = self._record(
-                            session, pending, header, staged, association_id, calling_ae_title, now
-                        )
-                    except NeedHeader:
-                        session.rollback()
-                        header = self._header(staged)
-                        pending = PendingRows()
-                        result = self._record(
-                            session, pending, header, staged, association_id, calling_ae_title, now
-                        )
+                fresh = self._record_fresh(staged, header, association_id, now)
+                if fresh is not None:
+                    result, early = fresh
                     relpath = result.relpath
-                    if result.fresh and staged.error is None:
-                        # 5. commit beside 1. seal; 3. place and 4. sync follow below
-                        early = _Unplaced(result.study_id, result.instance_id)
-                        self._hold(relpath, early)
-                        try:
-                            session.commit()
-                        except BaseException:
-                            self._release(relpath, early, placed=False)
-                            early = None
-                            raise
-                    elif relpath in self._unplaced:
-                        # the same bytes, committed and being placed by another association
-                        wait_for = self._unplaced[relpath]
-                        staged.discard()
-                        session.commit()
-                    else:
-                        staged.seal()  # SpoolError: the transaction rolls back
-                        # A duplicate whose file is gone (removed, or a removal interrupted
-                        # by a crash) is placed again: the same bytes under the same name.
-                        if self.spool.path(relpath).exists():
-                            staged.discard()
-                            session.commit()
-                        else:
-                            staged.close()
-                            directory = self.spool.place(staged.path, relpath)  # 3. place
-                            published = relpath
-                            # 4. sync while 5. commit: Success needs both
-                            synced = self._helpers.submit(self.spool.sync_directory, directory)
-                            session.commit()
-                    self.rows.remember(pending)
+                else:
+                    # the long way (first instance of a series, duplicates, late instances)
+                    result = self._record_long(
+                        staged, header, association_id, calling_ae_title, now, long
+                    )
+                    relpath = result.relpath
             finally:
                 # The writer's turn ends with the commit; the directory fsync is waited
                 # for outside it, so the next association's instance records meanwhile.
                 self._lock.release()
-                if synced is not None:
-                    synced.result()
+                if long.synced is not None:
+                    long.synced.result()
             if early is not None:
                 self._place_early(staged, relpath, early)
-            elif wait_for is not None:
-                wait_for.done.wait()
-                if not wait_for.placed:
+            elif long.wait_for is not None:
+                long.wait_for.done.wait()
+                if not long.wait_for.placed:
                     raise SpoolError(
                         "an identical copy of this instance, received at the same time on "
                         "another association, could not be stored; send it again"
@@ -204,7 +183,7 @@ class Ingestor:
         except BaseException:
             staged.discard()
             if early is None:
-                self._discard_published(published)
+                self._discard_published(long.published)
             raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -218,6 +197,90 @@ class Ingestor:
                     size=staged.size,
                 ),
             )
+        return result
+
+    def _record_fresh(
+        self,
+        staged: StagedFile,
+        header: InstanceHeader | InstanceKeys,
+        association_id: int | None,
+        now: datetime,
+    ) -> tuple[IngestResult, _Unplaced] | None:
+        """2. record and 5. commit beside 1. seal, if this is the hot path (docstring).
+
+        The one row commits through ``fresh_sessions`` (with SQLite's default ``spool``
+        mode: ``synchronous=NORMAL``, the spool file being the durable copy). Returns the
+        result and its unplaced entry (3. place and 4. sync follow), or None: not a new
+        instance of a known, receiving series, or its staging failed; nothing written.
+        Under the writer's turn.
+        """
+        if staged.error is not None:
+            return None
+        with transaction(self.fresh_sessions) as session:
+            result = self.rows.record_fresh(
+                session, header, staged.digest, staged.size, association_id, now
+            )
+            if result is None:
+                return None
+            early = _Unplaced(result.study_id, result.instance_id)
+            self._hold(result.relpath, early)
+            try:
+                session.commit()
+            except BaseException:
+                del self._unplaced[result.relpath]  # (the turn is held: not _release)
+                early.done.set()
+                raise
+        return result, early
+
+    def _record_long(
+        self,
+        staged: StagedFile,
+        header: InstanceHeader | InstanceKeys,
+        association_id: int | None,
+        calling_ae_title: str | None,
+        now: datetime,
+        long: _LongWay,
+    ) -> IngestResult:
+        """2. record, 3. place, 4. sync beside 5. commit, in one transaction of ``sessions``.
+
+        Fills ``long`` as it goes (the caller waits for its flush and cleans up after a
+        failure). Under the writer's turn.
+        """
+        with transaction(self.sessions) as session:
+            # 2. record (the per-transaction cache entries live in ``pending``)
+            try:
+                pending = PendingRows()
+                result = self._record(
+                    session, pending, header, staged, association_id, calling_ae_title, now
+                )
+            except NeedHeader:
+                session.rollback()
+                header = self._header(staged)
+                pending = PendingRows()
+                result = self._record(
+                    session, pending, header, staged, association_id, calling_ae_title, now
+                )
+            relpath = result.relpath
+            if relpath in self._unplaced:
+                # the same bytes, committed and being placed by another association
+                long.wait_for = self._unplaced[relpath]
+                staged.discard()
+                session.commit()
+            else:
+                staged.seal()  # SpoolError: the transaction rolls back
+                # A duplicate whose file is gone (removed, or a removal interrupted
+                # by a crash) is placed again: the same bytes under the same name.
+                if self.spool.path(relpath).exists():
+                    staged.discard()
+                    session.commit()
+                else:
+                    staged.close()
+                    directory = self.spool.place(staged.path, relpath)  # 3. place
+                    long.published = relpath
+                    # 4. sync while 5. commit: Success needs both
+                    long.synced = self._helpers.submit(self.spool.sync_directory, directory)
+                    session.commit()
+            self.rows.remember(pending)
         return result
 
     def _hold(self, relpath: str, unplaced: _Unplaced) -> None:
@@ -306,6 +369,8 @@ class Ingestor:
             association_id,
             calling_ae_title,
             now,
+            # the one-round-trip attempt was just made, unless staging failed
+            fast=staged.error is not None,
         )
 
     def _read(self, staged: StagedFile) -> InstanceHeader | InstanceKeys:
@@ -343,8 +408,12 @@ class Ingestor:
             self.spool.path(published).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Finish pending ingests and stop the helper threads."""
+        """Finish pending ingests, stop the helper threads, close the hot path's engine."""
         self._helpers.shutdown(wait=True)
+        if self.fresh_sessions is not self.sessions:
+            engine = self.fresh_sessions.kw.get("bind")
+            if isinstance(engine, Engine):
+                engine.dispose()
 
     def record_spooled(self, relpath: str) -> IngestResult | None:
         """Record a spooled file that has no row (a crash between write and commit)."""

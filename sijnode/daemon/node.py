@@ -34,7 +34,13 @@ from sijnode.daemon.retention import Retention
 from sijnode.daemon.retention import run_forever as sweep_forever
 from sijnode.daemon.scp import StorageSCP
 from sijnode.daemon.spool import Spool
-from sijnode.db.engine import make_engine, make_sessionmaker, record_event, transaction
+from sijnode.db.engine import (
+    fresh_row_sessions,
+    make_engine,
+    make_sessionmaker,
+    record_event,
+    transaction,
+)
 from sijnode.db.lifecycle import transition
 from sijnode.db.migrate import check_schema_current
 from sijnode.db.schema import EventType, Instance, Study, StudyState, utcnow
@@ -89,6 +95,7 @@ class Node:
             settings.database,
             settings.node.site,
             workers=max(2, settings.node.max_associations),
+            fresh_sessions=fresh_row_sessions(sessions, settings.database.sqlite_synchronous),
         )
         self.models = ModelIdentities(settings.pipelines, settings.data_dir)
         self.embedded: EmbeddedWorker | None = None

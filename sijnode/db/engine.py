@@ -1,10 +1,13 @@
 """Engines and sessions for the audit database: one engine per process, passed in.
 
-SQLite (embedded) runs in WAL mode with foreign keys on. ``synchronous=FULL`` (the default,
-``database.sqlite_synchronous``) fsyncs every commit; with ``NORMAL`` a committed row
-survives a crash of the process but the last commits before a power loss may not.
-The spool does not depend on it: every instance file is fsynced before Success, and
-start-up recovery records any spooled file that has no row (docs/receiving.md).
+SQLite (embedded) runs in WAL mode with foreign keys on. ``synchronous=FULL`` fsyncs every
+commit; with ``NORMAL`` a committed row survives a crash of the process but the last
+commits before a power loss may not (SQLite, "PRAGMA synchronous": in WAL mode NORMAL
+stays consistent, it may only lose the most recent transactions). ``database.sqlite_synchronous``
+chooses: ``full`` (every commit FULL), ``spool`` (the default: FULL, except the receive hot
+path's single instance row, committed through :func:`fresh_row_sessions` with NORMAL) or
+``normal``. The spool does not depend on it: every instance file is fsynced before Success,
+and start-up recovery records any spooled file that has no row (docs/receiving.md).
 PostgreSQL uses psycopg 3 and its server's own durability settings.
 """
 
@@ -26,7 +29,7 @@ from sijnode.errors import AuditError
 
 def make_engine(url: str, echo: bool = False, sqlite_synchronous: str = "full") -> Engine:
     """Create the engine for ``url``; creates the SQLite file's directory if needed."""
-    synchronous = {"full": "FULL", "normal": "NORMAL"}[sqlite_synchronous]
+    synchronous = {"full": "FULL", "spool": "FULL", "normal": "NORMAL"}[sqlite_synchronous]
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -45,6 +48,30 @@ def make_engine(url: str, echo: bool = False, sqlite_synchronous: str = "full") 
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, hide_parameters=True)
+
+
+def fresh_row_sessions(
+    sessions: sessionmaker[Session], sqlite_synchronous: str
+) -> sessionmaker[Session]:
+    """Sessions for the receive hot path's one-row commits (``sqlite_synchronous = "spool"``).
+
+    With SQLite in ``spool`` mode they come from a second engine on the same file with
+    ``synchronous=NORMAL``: the commit of a new instance's row skips its WAL fsync. The
+    row's content is in the instance file, fsynced before Success, so a power loss that
+    takes the most recent of these commits (never one before a FULL commit: that fsyncs
+    the whole WAL) leaves spooled files without rows, which start-up recovery records
+    (docs/receiving.md, "Durability of the audit row"). Otherwise ``sessions`` itself.
+    """
+    engine = sessions.kw.get("bind")
+    if (
+        sqlite_synchronous != "spool"
+        or not isinstance(engine, Engine)
+        or engine.url.get_backend_name() != "sqlite"
+        or engine.url.database in (None, "", ":memory:")
+    ):
+        return sessions
+    url = engine.url.render_as_string(hide_password=False)
+    return make_sessionmaker(make_engine(url, echo=bool(engine.echo), sqlite_synchronous="normal"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -328,6 +328,7 @@ class InstanceRecorder:
         association_id: int | None,
         calling_ae_title: str | None,
         now: datetime,
+        fast: bool = True,
     ) -> IngestResult:
         """Write the instance's rows in ``session`` (prepared statements on the hot path).
 
@@ -335,10 +336,12 @@ class InstanceRecorder:
         need it are written, so a helper can hash meanwhile. ``relpath`` is derived from
         the UIDs and the hash unless given (a file already in the spool). Raises
         :class:`NeedHeader` when ``header`` holds only the keys and a row must be created.
+        ``fast=False`` skips the one-round-trip attempt (:meth:`record_fresh` just failed).
         """
-        fast = self._record_fast(session, header, digest, size, relpath, association_id, now)
-        if fast is not None:
-            return fast
+        if fast:
+            quick = self._record_fast(session, header, digest, size, relpath, association_id, now)
+            if quick is not None:
+                return quick
         conn = session.connection()
         hot = self._hot_path(conn)
         # The study first: its row lock (PostgreSQL) or the write lock (SQLite) orders this
@@ -421,6 +424,22 @@ class InstanceRecorder:
             self._event(session, EventType.INSTANCE_CONFLICT, study_id, association_id, detail)
         outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
         return IngestResult(outcome, study_id, instance_id, relpath)
+
+    def record_fresh(
+        self,
+        session: Session,
+        header: InstanceKeysLike,
+        digest: Callable[[], str],
+        size: int,
+        association_id: int | None,
+        now: datetime,
+    ) -> IngestResult | None:
+        """Only the hot path: a new instance of a known, receiving series, else None.
+
+        Nothing else is written, so the caller may commit it in a session of its own
+        (:func:`sijnode.db.engine.fresh_row_sessions`); on None the session is rolled back.
+        """
+        return self._record_fast(session, header, digest, size, None, association_id, now)
 
     def _record_fast(
         self,
