@@ -164,7 +164,7 @@ def bare_scp(root: Path, durable: bool = False) -> Iterator[tuple[int, list[floa
 
 @contextmanager
 def sijnode_scp(
-    root: Path, db_url: str, sqlite_synchronous: str = "full", mode: str = "fast"
+    root: Path, db_url: str, sqlite_synchronous: str = "spool", mode: str = "fast"
 ) -> Iterator[tuple[int, list[float], list[float]]]:
     """The real node (embedded worker) in receive ``mode``, with its C-STORE handling
     timed."""
@@ -340,8 +340,10 @@ def render(runs: list[Run], slices: int) -> str:
         "arrives and answered on the reader thread); *standard* uses only pynetdicom's "
         "public API (its chunked receive into the spool's temporary directory, its C-STORE "
         "handler and answer), with the same durability rules. "
-        "sijnode runs with its defaults (SQLite `synchronous=FULL`); `synchronous=NORMAL` is "
-        "the faster `database.sqlite_synchronous` setting. Every run starts after a `sync`. "
+        'sijnode runs with its defaults (SQLite `sqlite_synchronous = "spool"`: every '
+        "commit fsynced but the hot path's one-row commits, whose content the fsynced spool "
+        "file holds); `synchronous=NORMAL` (no commit fsynced) is the other "
+        "`database.sqlite_synchronous` setting. Every run starts after a `sync`. "
         "Handling time is the C-STORE handler's time per instance (fast: from the last "
         "fragment until the reader thread is done, which includes making the next "
         "instance's file after the answer; standard: pynetdicom's EVT_C_STORE handler).",

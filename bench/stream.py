@@ -7,7 +7,10 @@ with DCMTK ``storescu``, alternating study by study between ONE sijnode started 
 its defaults (completion on, embedded worker; without a model the jobs end ``no_model``)
 and ONE bare pynetdicom SCP that only writes the received bytes. Every timed send starts
 after a ``sync``. Per-study receive times (storescu's wall time) give p50, p95 and max
-for each receiver, and their ratios (bare / node: above 1 the node is faster).
+for each receiver, and their ratios (bare / node: above 1 the node is faster). In the
+one-association SQLite configuration a third receiver takes its turn after them: a bare
+SCP that writes each data set as durably as the node must (temporary file, fsync, rename,
+directory fsync) and nothing else, the cost of durability alone.
 
 The node's background work (completion checks that completed a study, dispatch, the
 embedded worker's jobs, reconciler rounds) is timed too, and each node study is told
@@ -119,13 +122,31 @@ def storescu(port: int, files: list[Path], associations: int) -> float:
 
 
 @contextmanager
-def bare_scp(root: Path) -> Iterator[tuple[int, list[int]]]:
-    """A minimal pynetdicom SCP (its defaults) that writes the raw bytes; [count]."""
+def bare_scp(root: Path, durable: bool = False) -> Iterator[tuple[int, list[int]]]:
+    """A minimal pynetdicom SCP (its defaults) that writes the raw bytes; [count].
+
+    ``durable``: written as durably as the node must before Success (temporary file,
+    fsync, rename, directory fsync) and nothing else: the cost of durability alone.
+    """
     root.mkdir(parents=True, exist_ok=True)
     count = [0]
 
     def handle(event: evt.Event) -> int:
-        (root / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
+        name = f"{event.request.AffectedSOPInstanceUID}.dcm"
+        if durable:
+            tmp = root / f".{name}.part"
+            with tmp.open("wb") as fh:
+                fh.write(event.encoded_dataset())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, root / name)
+            fd = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            (root / name).write_bytes(event.encoded_dataset())
         count[0] += 1
         return 0
 
@@ -244,6 +265,8 @@ class StreamResult:
     dispatched: int
     stored: int
     warmup: list[tuple[float, float]] = field(default_factory=list)
+    #: The durable bare SCP's seconds per study (one-association SQLite configuration).
+    durable: list[float] = field(default_factory=list)
 
     def stats(self, which: str) -> tuple[float, float, float]:
         values = getattr(self, which)
@@ -274,43 +297,53 @@ def run_stream(
     bare_times: list[float] = []
     overlaps: list[dict[str, float]] = []
     warmup_times: list[tuple[float, float]] = []
+    durable_times: list[float] = []
     slices = sum(len(s) for s in studies + warmup)
+    # the cost of durability alone, beside the target's configuration
+    with_durable = config == "sqlite"
     try:
-        with running_node(workdir / "node", db_url, overrides) as (node, timeline):
-            with bare_scp(workdir / "bare") as (bare_port, bare_count):
-                for files in warmup:  # untimed: the node has received studies before
+        with (
+            running_node(workdir / "node", db_url, overrides) as (node, timeline),
+            bare_scp(workdir / "bare") as (bare_port, bare_count),
+            bare_scp(workdir / "durable", durable=True) as (durable_port, _),
+        ):
+            for files in warmup:  # untimed: the node has received studies before
+                os.sync()
+                node_seconds = storescu(node.scp.port, files, associations)
+                os.sync()
+                warmup_times.append((node_seconds, storescu(bare_port, files, associations)))
+                print(
+                    f"{config:8s} warm-up: node {warmup_times[-1][0]:6.2f} s  "
+                    f"bare {warmup_times[-1][1]:6.2f} s",
+                    flush=True,
+                )
+            for index, files in enumerate(studies):
+                os.sync()
+                t0 = time.perf_counter()
+                seconds = storescu(node.scp.port, files, associations)
+                node_times.append(seconds)
+                overlaps.append(timeline.overlap(t0, t0 + seconds))
+                os.sync()
+                bare_times.append(storescu(bare_port, files, associations))
+                if with_durable:
                     os.sync()
-                    node_seconds = storescu(node.scp.port, files, associations)
-                    os.sync()
-                    warmup_times.append((node_seconds, storescu(bare_port, files, associations)))
-                    print(
-                        f"{config:8s} warm-up: node {warmup_times[-1][0]:6.2f} s  "
-                        f"bare {warmup_times[-1][1]:6.2f} s",
-                        flush=True,
-                    )
-                for index, files in enumerate(studies):
-                    os.sync()
-                    t0 = time.perf_counter()
-                    seconds = storescu(node.scp.port, files, associations)
-                    node_times.append(seconds)
-                    overlaps.append(timeline.overlap(t0, t0 + seconds))
-                    os.sync()
-                    bare_times.append(storescu(bare_port, files, associations))
-                    busy = ", ".join(f"{k} {v:.2f} s" for k, v in overlaps[-1].items() if v)
-                    print(
-                        f"{config:8s} study {index + 1:2d}: node {node_times[-1]:6.2f} s  "
-                        f"bare {bare_times[-1]:6.2f} s  "
-                        f"(during the node's receive: {busy or 'nothing'})",
-                        flush=True,
-                    )
-                # let the last study complete and dispatch (the node's default timers)
-                deadline = time.monotonic() + settle
-                while time.monotonic() < deadline:
-                    if _dispatched(node) == len(studies) + len(warmup):
-                        break
-                    time.sleep(0.5)
-                if bare_count[0] != slices:
-                    raise RuntimeError(f"bare SCP: {bare_count[0]} of {slices} received")
+                    durable_times.append(storescu(durable_port, files, associations))
+                busy = ", ".join(f"{k} {v:.2f} s" for k, v in overlaps[-1].items() if v)
+                print(
+                    f"{config:8s} study {index + 1:2d}: node {node_times[-1]:6.2f} s  "
+                    f"bare {bare_times[-1]:6.2f} s  "
+                    + (f"durable bare {durable_times[-1]:6.2f} s  " if with_durable else "")
+                    + f"(during the node's receive: {busy or 'nothing'})",
+                    flush=True,
+                )
+            # let the last study complete and dispatch (the node's default timers)
+            deadline = time.monotonic() + settle
+            while time.monotonic() < deadline:
+                if _dispatched(node) == len(studies) + len(warmup):
+                    break
+                time.sleep(0.5)
+            if bare_count[0] != slices:
+                raise RuntimeError(f"bare SCP: {bare_count[0]} of {slices} received")
             with transaction(node.sessions) as session:
                 stored = int(session.scalar(select(func.count()).select_from(Instance)) or 0)
             dispatched = _dispatched(node)
@@ -319,7 +352,9 @@ def run_stream(
     finally:
         if database == "postgresql":
             _drop_pg_schema(schema)
-    return StreamResult(config, node_times, bare_times, overlaps, dispatched, stored, warmup_times)
+    return StreamResult(
+        config, node_times, bare_times, overlaps, dispatched, stored, warmup_times, durable_times
+    )
 
 
 def _dispatched(node: Node) -> int:
@@ -363,6 +398,23 @@ def render(results: list[StreamResult], args: argparse.Namespace, note: str) -> 
             f"{bmax / nmax:.2f}× |"
         )
     lines.append("")
+    for r in results:
+        if not r.durable:
+            continue
+        n50, n95, _ = r.stats("node")
+        d50, d95, dmax = r.stats("durable")
+        pairs = sorted(d / n for n, d in zip(r.node, r.durable, strict=True))
+        lines += [
+            f"Durable bare SCP, {CONFIGS[r.config][0]} (the same turns: it writes each data "
+            "set as durably as the node must before Success, temporary file, fsync, rename, "
+            f"directory fsync, and nothing else): p50 {d50:.2f} s, p95 {d95:.2f} s, max "
+            f"{dmax:.2f} s; durable bare / node p50 {d50 / n50:.2f}×, p95 {d95 / n95:.2f}×, "
+            f"per-study paired median {statistics.median(pairs):.2f}× "
+            f"({pairs[0]:.2f}–{pairs[-1]:.2f}). Per study: "
+            + ", ".join(f"{t:.2f}" for t in r.durable)
+            + ".",
+            "",
+        ]
     for r in results:
         overlapped = [
             t for t, o in zip(r.node, r.overlap, strict=True) if o.get("completion", 0) > 0
