@@ -14,9 +14,11 @@ from sijnode.models.localizer import check_boxes
 from sijnode.models.preprocess import (
     ct_slice,
     fit_zca,
+    intensity_range,
     letterbox,
     noise_step,
     scale_intensity,
+    to_channels,
     whiten,
     window,
 )
@@ -95,6 +97,33 @@ def test_scale_intensity_percentiles() -> None:
     pixels = np.arange(101, dtype=np.float32)
     np.testing.assert_allclose(scale_intensity(pixels, (0, 100))[[0, 50, 100]], [0, 0.5, 1])
     assert not scale_intensity(np.zeros(5, np.float32), (1, 99)).any()
+
+
+@pytest.mark.parametrize("percentiles", [(0.5, 99.5), (0, 100), (2.5, 97.5), (50, 50.1)])
+def test_intensity_range_equals_numpy_percentile(percentiles: tuple[float, float]) -> None:
+    """The histogram count for integer slices gives np.percentile's floats exactly."""
+    rng = np.random.default_rng(3)
+    slices = [
+        rng.integers(0, 4096, (448, 448)).astype(np.float32),  # stored MR values
+        rng.integers(-1024, 3000, 1001).astype(np.float32),
+        (rng.integers(0, 3, 500) * 7 + 2**20).astype(np.float32),  # large, sparse values
+        rng.integers(0, 70000, 999).astype(np.float32),  # too wide: partitioned
+        rng.normal(100, 30, 777).astype(np.float32),  # not integers: partitioned
+        np.array([5.0], np.float32),
+    ]
+    for pixels in slices:
+        expected = tuple(float(v) for v in np.percentile(pixels, percentiles))
+        assert intensity_range(pixels, percentiles) == expected
+    with_nan = np.array([1.0, np.nan, 3.0], np.float32)
+    assert all(np.isnan(intensity_range(with_nan, percentiles)))
+
+
+def test_to_channels_normalises_each_channel() -> None:
+    image = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = to_channels(image, 3, (1.0, 2.0, 3.0), (2.0, 4.0, 8.0))
+    assert out.shape == (3, 3, 4) and out.dtype == np.float32 and out.flags.c_contiguous
+    for c, (m, s) in enumerate([(1.0, 2.0), (2.0, 4.0), (3.0, 8.0)]):
+        np.testing.assert_array_equal(out[c], (image - np.float32(m)) / np.float32(s))
 
 
 RULES = LocalizerPreprocessing()

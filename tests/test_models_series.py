@@ -7,10 +7,16 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGLSLossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from sijnode.errors import SeriesError
 from sijnode.models.registry import PredictOptions, StudyInput, get_pipeline
@@ -82,6 +88,25 @@ def test_decode_applies_rescale_and_reads_jpeg_ls(tmp_path: Path, datasets: list
         i for i, s in enumerate(series.slices) if s.sop_instance_uid == copies[0].SOPInstanceUID
     )
     np.testing.assert_array_equal(series.decode(index), expected)
+
+
+def test_decode_reads_the_pixel_element_at_the_header_offset(
+    tmp_path: Path, datasets: list[Dataset]
+) -> None:
+    """Decode parses only the pixel data element where the header read stopped; deflated
+    files (no such offset) are read whole; either way the pixels are pydicom's."""
+    copies = _copies(datasets)
+    copies[1].compress(RLELossless)
+    copies[2].file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    copies[3].file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    series = read_series("1.2", _write(tmp_path, copies))
+    for i, header in enumerate(series.slices):
+        ds = pydicom.dcmread(header.path)
+        deflated = ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert (header.pixels is None) == deflated
+        expected = ds.pixel_array.astype(np.float32) * np.float32(header.rescale_slope)
+        expected += np.float32(header.rescale_intercept)
+        np.testing.assert_array_equal(series.decode(i), expected)
 
 
 @pytest.mark.parametrize(

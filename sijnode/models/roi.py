@@ -72,6 +72,10 @@ class Box:
     def as_list(self) -> list[int]:
         return [self.x0, self.y0, self.x1, self.y1]
 
+    def moved(self, dx: int, dy: int) -> Box:
+        """The box translated by ``dx`` columns and ``dy`` rows."""
+        return Box(self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy)
+
 
 @dataclass(frozen=True)
 class RoiBoxes:
@@ -84,6 +88,21 @@ class RoiBoxes:
     def joined_shape(self) -> tuple[int, int]:
         """(rows, columns) of the two patches side by side before the resize."""
         return max(self.left.height, self.right.height), self.left.width + self.right.width
+
+    @property
+    def union(self) -> Box:
+        """The smallest box holding both boxes."""
+        left, right = self.left, self.right
+        return Box(
+            min(left.x0, right.x0),
+            min(left.y0, right.y0),
+            max(left.x1, right.x1),
+            max(left.y1, right.y1),
+        )
+
+    def moved(self, dx: int, dy: int) -> RoiBoxes:
+        """Both boxes translated (onto a crop of the slice whose corner is ``(-dx, -dy)``)."""
+        return RoiBoxes(self.left.moved(dx, dy), self.right.moved(dx, dy))
 
 
 def _match_height(box: Box, height: int, rows: int) -> Box:

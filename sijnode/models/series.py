@@ -6,35 +6,55 @@ sign is fixed so that its largest component is positive (axial: towards the head
 coronal: towards the back), so a series written in either direction gives the same order:
 for the pelvis, lower to upper (Lee et al. 2021 §2.4). Headers are read first without
 pixels; pixels are decoded later, in worker threads (:func:`prefetch`), with the
-pylibjpeg plugins and, for JPEG-LS, pyjpegls.
+pylibjpeg plugins and, for JPEG-LS, pyjpegls. Decoding reads only the pixel data element,
+at the offset where the header read stopped (:class:`PixelSource`), not the header again.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
+from pydicom.filereader import read_dataset
+from pydicom.pixels import pixel_array
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGLSLossless, JPEGLSNearLossless
 
 from sijnode.errors import SeriesError
 
 #: Orientation cosines of two slices may differ by this much and still be one stack.
 ORIENTATION_TOLERANCE = 1e-3
 
+#: The pixel data elements ``stop_before_pixels`` stops at (PS3.5 7.1: float, double, int).
+PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
 _END = object()
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class PixelSource:
+    """Where a slice's pixel data element starts in its file, and the header elements that
+    describe it (Image Pixel module, group 0028; offset tables, 7FE0): kept from the header
+    read so that decoding parses the pixel data element only, not the header again."""
+
+    offset: int
+    transfer_syntax: UID
+    implicit_vr: bool
+    little_endian: bool
+    description: Dataset
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,8 @@ class SliceHeader:
     position: float
     rescale_slope: float
     rescale_intercept: float
+    #: None: decode reads the whole file again (e.g. deflated data sets).
+    pixels: PixelSource | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -76,7 +98,9 @@ class Series:
     def decode(self, index: int) -> npt.NDArray[np.float32]:
         """Pixels of slice ``index`` as float32 after the modality rescale (CT: HU)."""
         header = self.slices[index]
-        ds = _read(header.path, stop_before_pixels=False)
+        ds = _read_pixels(header.path, header.pixels) if header.pixels is not None else None
+        if ds is None:
+            ds = _read(header.path, stop_before_pixels=False)
         return decode_pixels(ds, header, (self.rows, self.columns))
 
 
@@ -87,15 +111,58 @@ def _read(path: Path, stop_before_pixels: bool) -> Dataset:
         raise SeriesError(f"{path.name}: expected a readable DICOM file: {exc}") from exc
 
 
+def _read_header(path: Path) -> tuple[Dataset, PixelSource | None]:
+    """The header without pixels and where its pixel data starts (None if unknown)."""
+    try:
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            offset = f.tell()
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise SeriesError(f"{path.name}: expected a readable DICOM file: {exc}") from exc
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    implicit_vr, little_endian = ds.original_encoding
+    if syntax is None or syntax == DeflatedExplicitVRLittleEndian or implicit_vr is None:
+        return ds, None  # deflated: the offset is one in the inflated stream
+    description = Dataset(
+        {tag: ds.get_item(tag) for tag in ds.keys() if tag >> 16 in (0x0028, 0x7FE0)}
+    )
+    return ds, PixelSource(offset, UID(syntax), implicit_vr, bool(little_endian), description)
+
+
+def _read_pixels(path: Path, source: PixelSource) -> Dataset | None:
+    """The pixel data element read at ``source.offset`` with the header's description;
+    None where the file does not hold a pixel data element there (then read it whole)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(source.offset)
+            found = read_dataset(f, source.implicit_vr, source.little_endian)
+    except (OSError, EOFError, ValueError, KeyError, struct.error):
+        return None
+    tags = list(found.keys())
+    if not tags or int(tags[0]) not in PIXEL_TAGS:
+        return None
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = source.transfer_syntax
+    ds.set_original_encoding(source.implicit_vr, source.little_endian)
+    ds.update(source.description)
+    ds.update(found)
+    return ds
+
+
 def decode_pixels(
     ds: Dataset, header: SliceHeader, shape: tuple[int, int]
 ) -> npt.NDArray[np.float32]:
-    """Decode one slice (pylibjpeg plugins; pyjpegls for JPEG-LS) and apply the rescale."""
+    """Decode one slice (pylibjpeg plugins; pyjpegls for JPEG-LS) and apply the rescale.
+
+    ``pydicom.pixels.pixel_array``: what ``ds.pixel_array`` calls, without its cache checks
+    (they walk the data set twice per slice).
+    """
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    plugin = "pyjpegls" if syntax in (JPEGLSLossless, JPEGLSNearLossless) else ""
     try:
-        if syntax in (JPEGLSLossless, JPEGLSNearLossless):
-            ds.pixel_array_options(decoding_plugin="pyjpegls")
-        pixels = ds.pixel_array
+        pixels = pixel_array(ds, decoding_plugin=plugin)
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, KeyError) as exc:
         raise SeriesError(
             f"{header.path.name}: expected decodable pixel data ({syntax}): {exc}"
@@ -150,7 +217,7 @@ def read_series(
     first: tuple[int, int, tuple[float, ...], tuple[float, ...], str] | None = None
     headers: list[tuple[tuple[float, ...], SliceHeader]] = []
     for path in paths:
-        ds = _read(path, stop_before_pixels=True)
+        ds, pixels = _read_header(path)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames != 1:
             raise SeriesError(
@@ -207,6 +274,7 @@ def read_series(
                     position=0.0,
                     rescale_slope=slope,
                     rescale_intercept=intercept,
+                    pixels=pixels,
                 ),
             )
         )
@@ -233,6 +301,7 @@ def read_series(
                 float(np.dot(pos, normal)),
                 h.rescale_slope,
                 h.rescale_intercept,
+                h.pixels,
             )
             for pos, h in headers
         ),
