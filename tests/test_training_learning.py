@@ -51,10 +51,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 SIJNODE = str(Path(sys.executable).parent / "sijnode")
 #: The held-out studies: their own seed, so their own anatomy and lesions.
 TEST_SEED, TEST_SUBJECTS, TEST_SLICES = 97, 8, 8
+#: CT's held-out studies (same seed, more subjects): with 4 against 4 an AUC of 0.95 needs
+#: a perfect ranking, 12 against 12 measures it to 1/144.
+CT_TEST_SUBJECTS = 24
+#: CT training set (seed 21): more subjects with fewer slices each (128 slices, as 16 × 8).
+CT_TRAIN_SUBJECTS, CT_TRAIN_SLICES = 32, 4
 #: CT's bar depends on the CT learning work (docs/training.md, "Learning check").
 CT_REASON = (
-    "not met yet: a quick CPU run of ResNeXt-50 from scratch reaches study AUC 0.81-0.94 on "
-    "held-out synthetic subjects, below the issue's 0.95 (docs/training.md)"
+    "not met yet: a quick CPU run of ResNeXt-50 from scratch reaches study AUC 0.78-0.83 on "
+    "24 held-out synthetic subjects, below the issue's 0.95 (docs/training.md)"
 )
 CT_NOT_MET = pytest.mark.xfail(strict=False, reason=CT_REASON)
 
@@ -78,15 +83,40 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_dataset(
         root / "test",
         generate_dataset(
-            seed=TEST_SEED, n_subjects=TEST_SUBJECTS, positive_fraction=0.5, n_slices=TEST_SLICES
+            seed=TEST_SEED,
+            n_subjects=TEST_SUBJECTS,
+            positive_fraction=0.5,
+            modality="mr",
+            n_slices=TEST_SLICES,
         ),
     )
     # CT: more subjects with fewer slices each (the network overfits 11 subjects).
     write_dataset(
         root / "ct-train",
-        generate_dataset(seed=21, n_subjects=32, positive_fraction=0.5, modality="ct", n_slices=4),
+        generate_dataset(
+            seed=21,
+            n_subjects=CT_TRAIN_SUBJECTS,
+            positive_fraction=0.5,
+            modality="ct",
+            n_slices=CT_TRAIN_SLICES,
+        ),
     )
-    return {"train": root / "train", "test": root / "test", "ct-train": root / "ct-train"}
+    write_dataset(
+        root / "ct-test",
+        generate_dataset(
+            seed=TEST_SEED,
+            n_subjects=CT_TEST_SUBJECTS,
+            positive_fraction=0.5,
+            modality="ct",
+            n_slices=TEST_SLICES,
+        ),
+    )
+    return {
+        "train": root / "train",
+        "test": root / "test",
+        "ct-train": root / "ct-train",
+        "ct-test": root / "ct-test",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +241,11 @@ def test_mr_localiser_and_classifier_learn(
 def test_ct_classifier_learns(data: dict[str, Path], ct_model: Path) -> None:
     spec = verify_checkpoint(ct_model, "ct_slice_classifier")
     assert spec.preprocessing.whitening is not None  # type: ignore[union-attr]
-    labels, scores, _ = pipeline_scores("ct", {"model": ct_model}, data["test"])
-    assert roc_auc(np.asarray(labels, bool), scores) >= 0.95, (labels, scores)
+    labels, scores, _ = pipeline_scores("ct", {"model": ct_model}, data["ct-test"])
+    assert len(labels) == CT_TEST_SUBJECTS and sum(labels) == CT_TEST_SUBJECTS // 2
+    auc = roc_auc(np.asarray(labels, bool), scores)
+    print(f"CT study ROC AUC directly: {auc:.4f}")
+    assert auc >= 0.95, (labels, scores)
 
 
 # -- through the node ---------------------------------------------------------------------
@@ -266,11 +299,13 @@ def node_audit(
             "mr": {"model": versions["mr"], "localizer": versions["loc"], **common},
         },
     )
-    with (data["test"] / "labels.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = []
+    for name in ("test", "ct-test"):  # MR's held-out subjects, then CT's
+        with (data[name] / "labels.csv").open(newline="") as fh:
+            rows += [row | {"root": str(data[name])} for row in csv.DictReader(fh)]
     with running_node(settings, migrate=False) as node:
         for row in rows:
-            files = sorted((data["test"] / row["folder"]).iterdir())
+            files = sorted((Path(row["root"]) / row["folder"]).iterdir())
             if row["modality"] == "MR":  # pynetdicom
                 datasets: list[Dataset] = [pydicom.dcmread(p) for p in files]
                 assert set(send(datasets, node.scp.port)) == {0}
@@ -328,7 +363,7 @@ def test_mr_learns_through_the_node(node_audit: dict[str, str]) -> None:
 @pytest.mark.timeout(2400)
 def test_ct_learns_through_the_node(node_audit: dict[str, str]) -> None:
     group = _metrics(node_audit, "ct")
-    assert group["n"] == TEST_SUBJECTS and group["positives"] == TEST_SUBJECTS // 2, group
+    assert group["n"] == CT_TEST_SUBJECTS and group["positives"] == CT_TEST_SUBJECTS // 2, group
     auc = group["metrics"]["roc_auc"]["estimate"]
     print(f"CT study ROC AUC through the node: {group['metrics']['roc_auc']}")
     if auc < 0.95:  # only the bar depends on the CT learning work; the rest must hold
