@@ -25,25 +25,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from sijnode.daemon.spool import fsync_directory
 
 
 def _node_order(fd: int, tmp: Path, final: Path) -> None:
     os.fsync(fd)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_directory(final.parent)
 
 
 def _rename_first(fd: int, tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
     os.fsync(fd)
-    _fsync_dir(final.parent)
+    fsync_directory(final.parent)
 
 
 def _no_dir(fd: int, tmp: Path, final: Path) -> None:

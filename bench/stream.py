@@ -55,6 +55,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from sijnode.daemon.node import Node
 from sijnode.daemon.scp import accepted_transfer_syntaxes
+from sijnode.daemon.spool import fsync_directory
 from sijnode.db.engine import transaction
 from sijnode.db.migrate import upgrade
 from sijnode.db.schema import Instance, Study, StudyState
@@ -140,11 +141,7 @@ def bare_scp(root: Path, durable: bool = False) -> Iterator[tuple[int, list[int]
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, root / name)
-            fd = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_directory(root)  # the node's own call
         else:
             (root / name).write_bytes(event.encoded_dataset())
         count[0] += 1

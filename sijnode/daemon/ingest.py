@@ -41,6 +41,7 @@ the row is *unplaced*:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -227,8 +228,7 @@ class Ingestor:
             try:
                 session.commit()
             except BaseException:
-                del self._unplaced[result.relpath]  # (the turn is held: not _release)
-                early.done.set()
+                self._release(result.relpath, early, placed=False, turn_held=True)
                 raise
         return result, early
 
@@ -287,9 +287,14 @@ class Ingestor:
         """Mark a row as committed before its file is placed (under the writer's turn)."""
         self._unplaced[relpath] = unplaced
 
-    def _release(self, relpath: str, unplaced: _Unplaced, placed: bool) -> None:
-        """The file is placed (or its row is gone again): the study may complete."""
-        with self._lock:
+    def _release(
+        self, relpath: str, unplaced: _Unplaced, placed: bool, turn_held: bool = False
+    ) -> None:
+        """The file is placed (or its row is gone again): the study may complete.
+
+        ``turn_held``: the caller has the writer's turn already (the lock is not reentrant).
+        """
+        with contextlib.nullcontext() if turn_held else self._lock:
             if self._unplaced.get(relpath) is unplaced:
                 del self._unplaced[relpath]
         unplaced.placed = placed

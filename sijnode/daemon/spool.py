@@ -69,8 +69,8 @@ class Spool:
         try:
             if not final.parent.exists():
                 final.parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(final.parent.parent)
-                _fsync_dir(self.root)
+                fsync_directory(final.parent.parent)
+                fsync_directory(self.root)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -80,7 +80,7 @@ class Spool:
     def sync_directory(self, directory: Path) -> None:
         """fsync a directory, so the renames into it survive a crash."""
         try:
-            _fsync_dir(directory)
+            fsync_directory(directory)
         except OSError as exc:
             raise spool_error(exc, "a spool directory") from exc
 
@@ -123,7 +123,8 @@ def spool_error(exc: OSError, what: str) -> SpoolError:
     return SpoolError(f"could not write {what}: {exc.strerror}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """fsync a directory (its entries: POSIX needs this after a create or rename)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
