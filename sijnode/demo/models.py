@@ -30,7 +30,7 @@ class TrainingPlan:
     #: first demo run stays under 10 minutes on a 2-core CPU.
     ct_subjects: int = 32
     ct_slices: int = 4
-    mr_subjects: int = 16
+    mr_subjects: int = 48
     #: MR slices per study: a stack centred on the joints, where every slice shows both
     #: ilia (the training tools need both ROI boxes on every slice).
     mr_slices: int = 8
@@ -43,7 +43,7 @@ class TrainingPlan:
                 "--size",
                 "48",
                 "--epochs",
-                "8",
+                "12",
                 "--folds",
                 "1",
                 "--no-compare",
