@@ -7,6 +7,7 @@ tests) must behave as stock pynetdicom while the listener runs on the fast path.
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -157,3 +158,54 @@ def test_an_unexpected_pynetdicom_gives_one_warning_and_the_standard_mode(
 
 def test_the_self_check_passes_on_the_pinned_pynetdicom() -> None:
     assert fastpath.check() == []
+
+
+def _quickack(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+
+
+def test_quick_ack_leaves_the_kernels_delayed_ack_mode() -> None:
+    """On a real loopback connection: with TCP_QUICKACK 0 the kernel delays ACKs
+    (interactive mode); quick_ack switches it back to acknowledging at once."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        with client, accepted:
+            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            assert _quickack(accepted) == 0
+            fastpath.quick_ack(accepted)
+            assert _quickack(accepted) == 1
+            client.close()
+            accepted.close()
+            fastpath.quick_ack(accepted)  # a closed socket: nothing raised
+    fastpath.quick_ack(None)
+
+
+def test_the_reader_thread_re_arms_quick_ack_after_every_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each C-STORE answered on the reader thread is followed by TCP_QUICKACK on the
+    association's own socket (the one connected to the sender), so a sender with Nagle's
+    algorithm on never waits for a delayed ACK (docs/benchmarks.md, "Stream")."""
+    calls: list[tuple[tuple[str, int], int]] = []
+    original = fastpath.quick_ack
+
+    def recording(sock: socket.socket | None) -> None:
+        original(sock)
+        assert sock is not None
+        calls.append((sock.getpeername(), _quickack(sock)))
+
+    monkeypatch.setattr(fastpath, "quick_ack", recording)
+    settings = node_settings(tmp_path)
+    with running_node(settings) as node:
+        study = make_study("quick-ack", n=5)
+        ae = AE(ae_title="TESTSCU")
+        ae.requested_contexts = StoragePresentationContexts
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=settings.node.ae_title)
+        assert assoc.is_established
+        local = assoc.dul.socket.socket.getsockname()
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in study]
+        assoc.release()
+    assert statuses == [SUCCESS] * 5
+    assert [peer for peer, _ in calls] == [local] * 5, "one per answer, on this association"
+    assert all(flag == 1 for _, flag in calls), calls

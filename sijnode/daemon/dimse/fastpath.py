@@ -31,8 +31,10 @@ the listener then receives in the standard mode (:mod:`sijnode.daemon.receive`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import struct
 import tempfile
 import threading
@@ -341,7 +343,26 @@ def answer(event: Any, status: int) -> bool:
     if sock is None:
         return False
     sock.send(pdu)
+    quick_ack(sock.socket)
     return True
+
+
+def quick_ack(sock: socket.socket | None) -> None:
+    """Acknowledge the peer's next segments at once (Linux ``TCP_QUICKACK``, tcp(7)).
+
+    Sending the answer right after the data set puts the kernel in its interactive mode,
+    where it delays ACKs by up to 40 ms; a sender that writes a PDU's header and body
+    separately with Nagle's algorithm on (DCMTK ``storescu``) then waits for that ACK
+    before its next write. Measured in the stream benchmark: 40-70 such stalls of about
+    41 ms per 300-instance study, none against a bare pynetdicom SCP. The option is not
+    sticky, so it is set again after every answer; elsewhere it does not exist and this
+    does nothing.
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if sock is None or option is None:
+        return
+    with contextlib.suppress(OSError):  # the peer may have gone; the read then fails
+        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
 
 
 # -- the C-STORE-RSP, encoded straight into a P-DATA-TF PDU ------------------------------
