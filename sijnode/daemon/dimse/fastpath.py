@@ -353,7 +353,7 @@ def quick_ack(sock: socket.socket | None) -> None:
     Sending the answer right after the data set puts the kernel in its interactive mode,
     where it delays ACKs by up to 40 ms; a sender that writes a PDU's header and body
     separately with Nagle's algorithm on (DCMTK ``storescu``) then waits for that ACK
-    before its next write. Measured in the stream benchmark: 40-70 such stalls of about
+    before its next write. Measured in the stream benchmark: up to 70 such stalls of about
     41 ms per 300-instance study, none against a bare pynetdicom SCP. The option is not
     sticky, so it is set again after every answer; elsewhere it does not exist and this
     does nothing.
