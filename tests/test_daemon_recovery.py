@@ -180,11 +180,13 @@ def test_sigterm_mid_transfer_answers_cleanly_and_exits(tmp_path: Path) -> None:
     storescu = require_tool("storescu")
     upgrade(f"sqlite:///{tmp_path / 'audit.db'}")
     port = free_port()
-    series = make_series("sigterm", "1.2.826.0.1.3680043.8.498.4243", 1, 400, rows=256)
+    # enough that the grace period ends mid-transfer: the node answers in about a
+    # millisecond an instance on an idle machine
+    series = make_series("sigterm", "1.2.826.0.1.3680043.8.498.4243", 1, 1000, rows=256)
     files = write(series, tmp_path / "study")
     uid_of = {str(path): str(ds.SOPInstanceUID) for path, ds in zip(files, series, strict=True)}
     proc = _serve(
-        tmp_path, port, quiet=600, log_name="serve.log", SIJNODE_NODE__STOP_GRACE_SECONDS="1"
+        tmp_path, port, quiet=600, log_name="serve.log", SIJNODE_NODE__STOP_GRACE_SECONDS="0.2"
     )
     sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
     sender_log = (tmp_path / "storescu.log").open("wb")
