@@ -12,6 +12,7 @@ import torch
 from sijnode.errors import PipelineError
 from sijnode.models.localizer import check_boxes
 from sijnode.models.preprocess import (
+    body_region,
     ct_slice,
     fit_zca,
     intensity_range,
@@ -42,6 +43,54 @@ def test_letterbox_keeps_aspect_and_inverts() -> None:
     back = placement.to_source(out)
     assert back.shape == (100, 200) and np.allclose(back, 1.0)
     assert placement.point_to_source(16, 32) == (0.0, 100.0)
+
+
+def test_letterbox_of_a_region_maps_back_into_that_region() -> None:
+    image = np.zeros((100, 200), dtype=np.float32)
+    image[20:60, 50:130] = 1.0
+    out, placement = letterbox(image, (64, 64), region=(20, 50, 40, 80))
+    assert placement.size == (32, 64) and placement.offset == (16, 0)
+    assert np.allclose(out[16:48], 1.0) and out[:16].max() == 0
+    back = placement.to_source(out)
+    assert back.shape == (100, 200)
+    assert np.allclose(back[20:60, 50:130], 1.0) and back.sum() == pytest.approx(40 * 80)
+    assert placement.point_to_source(16, 0) == (20.0, 50.0)
+    assert placement.point_to_source(48, 64) == (60.0, 130.0)
+
+
+def _body_and_table() -> np.ndarray:
+    """Air, an elliptical body at 40 HU with bone inside, and a 4-pixel table line below."""
+    hu = np.full((200, 240), -1000.0, dtype=np.float32)
+    rows, columns = np.mgrid[:200, :240]
+    body = ((rows - 90) / 60.0) ** 2 + ((columns - 110) / 80.0) ** 2 <= 1.0
+    hu[body] = 40.0
+    hu[(np.abs(rows - 110) < 10) & (np.abs(columns - 110) < 30)] = 700.0
+    hu[170:174, 5:235] = 250.0  # the table: as dense as bone, thin, wider than the body
+    return hu
+
+
+def test_body_region_is_the_body_without_the_table() -> None:
+    hu = _body_and_table()
+    top, left, rows, columns = body_region(hu, -400.0)
+    assert abs(top - 30) <= 1 and abs(rows - 121) <= 2
+    assert abs(left - 30) <= 1 and abs(columns - 161) <= 2
+    assert body_region(np.full((50, 50), -1000.0, dtype=np.float32), -400.0) is None
+
+
+def test_body_crop_fills_the_input_with_the_body() -> None:
+    hu = _body_and_table()
+    whole, _ = ct_slice(hu, CTPreprocessing(clahe_clip_limit=0), (64, 64))
+    cropped, placement = ct_slice(hu, CTPreprocessing(clahe_clip_limit=0, body_crop=True), (64, 64))
+    assert placement.region is not None
+    air = float(whole.min())
+    # The body covers more of the input once the air and the table are cropped away.
+    assert (cropped[0] > air).mean() > 1.5 * (whole[0] > air).mean()
+    # No body at all: the whole slice, as without the crop.
+    empty = np.full((40, 50), -1000.0, dtype=np.float32)
+    on = CTPreprocessing(clahe_clip_limit=0, body_crop=True)
+    x, p = ct_slice(empty, on, (32, 32))
+    assert p.region is None
+    assert np.array_equal(x, ct_slice(empty, CTPreprocessing(clahe_clip_limit=0), (32, 32))[0])
 
 
 def test_identity_whitening_changes_nothing() -> None:

@@ -62,6 +62,10 @@ def test_ct_training_input_is_the_nodes_ct_slice(root: Path) -> None:
     assert np.array_equal(ct_finish(base, prep), ct_slice(hu, prep, (64, 64))[0])
     whitened = prep.model_copy(update={"whitening": fit_whitening(base[None], samples=2000)})
     assert np.allclose(ct_finish(base, whitened), ct_slice(hu, whitened, (64, 64))[0], atol=1e-5)
+    cropped = CTPreprocessing(body_crop=True)
+    base = ct_base(hu, cropped, (64, 64))
+    assert np.array_equal(ct_finish(base, cropped), ct_slice(hu, cropped, (64, 64))[0])
+    assert ct_slice(hu, cropped, (64, 64))[1].region is not None
 
 
 def test_roi_patches_follow_the_annotation_rule(root: Path) -> None:

@@ -1,8 +1,9 @@
 """Slice preprocessing: pure functions of the spec (no torch), shared with training.
 
 CT (Fu et al. 2024, Methods): Hounsfield units (``series.decode`` applies the rescale),
-window (bone by default), CLAHE contrast enhancement (OpenCV), resize keeping the aspect
-ratio with padding, optional ZCA whitening (spec ``Whitening``), channels, normalisation.
+window (bone by default), CLAHE contrast enhancement (OpenCV), optional crop to the body,
+resize keeping the aspect ratio with padding, optional ZCA whitening (spec ``Whitening``),
+channels, normalisation.
 MR (Lee et al. 2021 §2.3): the seeded noise step, percentile intensity scaling; the ROI
 patch itself is ``models/roi.py``.
 """
@@ -31,26 +32,59 @@ Image = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How a slice was placed in the network input: ``input = pad(resize(slice))``."""
+    """How a slice was placed in the network input: ``input = pad(resize(slice[region]))``."""
 
     source_shape: tuple[int, int]  # (rows, columns) of the slice
     input_shape: tuple[int, int]  # (height, width) of the input
     scale: float
     offset: tuple[int, int]  # (row, column) of the resized slice's top-left in the input
     size: tuple[int, int]  # (rows, columns) of the resized slice
+    #: (row, column, rows, columns) of the slice that was resized; None: the whole slice.
+    region: tuple[int, int, int, int] | None = None
 
     def to_source(self, values: Image) -> Image:
-        """Undo the pad and resize of an input-sized map: a map on the slice's grid."""
+        """Undo the pad and resize of an input-sized map: a map on the slice's grid (zero
+        outside a cropped region)."""
         r0, c0 = self.offset
         h, w = self.size
         crop = np.ascontiguousarray(values[r0 : r0 + h, c0 : c0 + w])
-        rows, columns = self.source_shape
-        out = cv2.resize(crop, (columns, rows), interpolation=cv2.INTER_LINEAR)
-        return out.astype(np.float32, copy=False)
+        if self.region is None:
+            rows, columns = self.source_shape
+            out = cv2.resize(crop, (columns, rows), interpolation=cv2.INTER_LINEAR)
+            return out.astype(np.float32, copy=False)
+        top, left, rows, columns = self.region
+        full = np.zeros(self.source_shape, dtype=np.float32)
+        full[top : top + rows, left : left + columns] = cv2.resize(
+            crop, (columns, rows), interpolation=cv2.INTER_LINEAR
+        )
+        return full
 
     def point_to_source(self, row: float, column: float) -> tuple[float, float]:
         """An input-space point (row, column) in slice pixels."""
-        return (row - self.offset[0]) / self.scale, (column - self.offset[1]) / self.scale
+        top, left = (0, 0) if self.region is None else self.region[:2]
+        return (
+            (row - self.offset[0]) / self.scale + top,
+            (column - self.offset[1]) / self.scale + left,
+        )
+
+
+#: Opening that separates the body from the table and lines of air-gap noise (pixels).
+BODY_OPENING = 15
+
+
+def body_region(hu: Image, threshold_hu: float) -> tuple[int, int, int, int] | None:
+    """(row, column, rows, columns) of the body: the largest connected region above
+    ``threshold_hu`` after a morphological opening (which drops the thin table); None where
+    nothing is left (CTPreprocessing ``body_crop``)."""
+    mask = (hu > np.float32(threshold_hu)).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (BODY_OPENING, BODY_OPENING))
+    opened = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    if count < 2:
+        return None
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    left, top, columns, rows = (int(v) for v in stats[k, :4])
+    return top, left, rows, columns
 
 
 def window(hu: Image, center: float, width: float) -> Image:
@@ -70,9 +104,17 @@ def clahe(image01: Image, clip_limit: float, tile_grid: tuple[int, int]) -> Imag
 
 
 def letterbox(
-    image: Image, shape: tuple[int, int], pad_value: float = 0.0
+    image: Image,
+    shape: tuple[int, int],
+    pad_value: float = 0.0,
+    region: tuple[int, int, int, int] | None = None,
 ) -> tuple[Image, Letterbox]:
-    """Resize ``image`` into ``shape`` keeping its aspect ratio, centred, padded."""
+    """Resize ``image`` (or its ``region``) into ``shape`` keeping its aspect ratio, centred,
+    padded."""
+    source_shape = image.shape
+    if region is not None:
+        top, left, r, c = region
+        image = image[top : top + r, left : left + c]
     rows, columns = image.shape
     height, width = shape
     scale = min(height / rows, width / columns)
@@ -83,7 +125,15 @@ def letterbox(
     out = np.full((height, width), pad_value, dtype=np.float32)
     r0, c0 = (height - h) // 2, (width - w) // 2
     out[r0 : r0 + h, c0 : c0 + w] = resized
-    return out, Letterbox((rows, columns), (height, width), scale, (r0, c0), (h, w))
+    placement = Letterbox(
+        (int(source_shape[0]), int(source_shape[1])),
+        (height, width),
+        scale,
+        (r0, c0),
+        (h, w),
+        region,
+    )
+    return out, placement
 
 
 def whiten(image: Image, whitening: Whitening) -> Image:
@@ -148,13 +198,21 @@ def to_channels(
     return out.astype(np.float32, copy=False)
 
 
+def ct_base(
+    hu: Image, spec: CTPreprocessing, input_size: tuple[int, int]
+) -> tuple[Image, Letterbox]:
+    """``ct_slice`` up to the resize: window, CLAHE, body crop, letterbox; (H, W) in [0, 1]."""
+    image = window(hu, spec.window_center, spec.window_width)
+    image = clahe(image, spec.clahe_clip_limit, spec.clahe_tile_grid)
+    region = body_region(hu, spec.body_threshold_hu) if spec.body_crop else None
+    return letterbox(image, input_size, spec.pad_value, region)
+
+
 def ct_slice(
     hu: Image, spec: CTPreprocessing, input_size: tuple[int, int]
 ) -> tuple[Image, Letterbox]:
     """A CT slice in HU -> the network input (C, H, W) and its placement."""
-    image = window(hu, spec.window_center, spec.window_width)
-    image = clahe(image, spec.clahe_clip_limit, spec.clahe_tile_grid)
-    image, placement = letterbox(image, input_size, spec.pad_value)
+    image, placement = ct_base(hu, spec, input_size)
     if spec.whitening is not None:
         image = whiten(image, spec.whitening)
     return to_channels(image, spec.channels, spec.mean, spec.std), placement

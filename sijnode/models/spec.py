@@ -90,6 +90,11 @@ class CTPreprocessing(_Frozen):
     #: OpenCV CLAHE on the windowed 8-bit image; clip_limit 0 disables it.
     clahe_clip_limit: float = Field(2.0, ge=0)
     clahe_tile_grid: tuple[int, int] = (8, 8)
+    #: Crop to the body before resizing (the paper's "standardise size", sijnode's reading):
+    #: the bounding box of the largest region above ``body_threshold_hu`` after an opening
+    #: that drops the table; the whole slice where none is found. Off in older checkpoints.
+    body_crop: bool = False
+    body_threshold_hu: float = -400.0
     #: Resize to the input size keeping the aspect ratio, padding the rest.
     resize: Literal["keep_aspect_pad"] = "keep_aspect_pad"
     #: Pad value in [0, 1] (after windowing, before normalisation).

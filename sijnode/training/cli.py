@@ -74,6 +74,9 @@ def register(app: typer.Typer, settings: SettingsLoader) -> None:
         whitening: bool = typer.Option(
             True, "--whitening/--no-whitening", help="ZCA whitening fitted on training data."
         ),
+        body_crop: bool = typer.Option(
+            True, "--body-crop/--no-body-crop", help="Crop each slice to the body before resizing."
+        ),
         target_sensitivity: float | None = typer.Option(
             None,
             "--target-sensitivity",

@@ -40,6 +40,7 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     whitening: bool = True
+    body_crop: bool = True
     target_sensitivity: float | None = None
     stop_after: int | None = None
     max_subjects: int | None = None

@@ -113,7 +113,7 @@ def run_ct(opts: TrainOptions) -> Path:
     run.write_json("data.json", data_hash(Path(opts.data), studies))
     run.write_json("splits.json", {s.name: s.as_dict() for s in splits})
     size = int(settings["size"])
-    base = CTPreprocessing()
+    base = CTPreprocessing(body_crop=opts.body_crop)
     data = ct_slices(studies, base, (size, size))
     results: dict[str, dict[str, Any]] = {}
     for architecture in settings["architectures"]:
@@ -334,6 +334,7 @@ def _report(
     from sijnode.models.checkpoint import read_spec
 
     final = read_spec(checkpoint)
+    assert isinstance(final.preprocessing, CTPreprocessing)
     table_slices: dict[str, list[dict[str, float]]] = {}
     table_studies: dict[str, list[dict[str, float]]] = {}
     curves: dict[str, list[list[dict[str, float]]]] = {}
@@ -348,7 +349,7 @@ def _report(
             curves.setdefault(label, []).append(record["history"])
             if record["split"] == "holdout":
                 continue
-            spec = _spec_for(architecture, int(settings["size"]), CTPreprocessing())
+            spec = _spec_for(architecture, int(settings["size"]), final.preprocessing)
             m = _split_metrics(data, record, spec, None)
             per_fold[name] = {k: m[k] for k in ("slices", "studies", "thresholds")}
             table_slices.setdefault(label, []).append(m["slices"])
@@ -386,7 +387,9 @@ def _report(
         "# CT training report (research use only)",
         "",
         "Protocol: Fu et al. 2024 (PROTOCOLS.md A). Slices preprocessed by the node's "
-        "`ct_slice` (window, CLAHE, resize, ZCA whitening fitted on each split's training "
+        "`ct_slice` (window, CLAHE, "
+        + ("crop to the body, " if run.config.get("body_crop") else "")
+        + "resize, ZCA whitening fitted on each split's training "
         "slices); albumentations augmentation; class balance by BCE `pos_weight`; splits by "
         f"subject. {settings['folds']}-fold stratified group cross-validation; "
         f"{settings['epochs']} epochs; input {settings['size']}²; "

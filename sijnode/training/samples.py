@@ -25,7 +25,6 @@ import numpy.typing as npt
 from sijnode.errors import SeriesError, TrainingDataError
 from sijnode.models.preprocess import (
     Letterbox,
-    clahe,
     intensity_range,
     letterbox,
     localizer_slice,
@@ -34,8 +33,8 @@ from sijnode.models.preprocess import (
     scale_intensity,
     to_channels,
     whiten,
-    window,
 )
+from sijnode.models.preprocess import ct_base as preprocess_ct_base
 from sijnode.models.registry import StudyInput
 from sijnode.models.roi import Box, RoiBoxes, roi_boxes
 from sijnode.models.series import Series, read_series
@@ -71,11 +70,8 @@ def slice_labels_in_order(study: StudyRecord, series: Series) -> list[int]:
 
 
 def ct_base(hu: Array, prep: CTPreprocessing, input_size: tuple[int, int]) -> Array:
-    """``ct_slice`` up to the letterbox: window, CLAHE, resize; (H, W) in [0, 1]."""
-    image = window(hu, prep.window_center, prep.window_width)
-    image = clahe(image, prep.clahe_clip_limit, prep.clahe_tile_grid)
-    image, _ = letterbox(image, input_size, prep.pad_value)
-    return image
+    """``ct_slice`` up to the letterbox: window, CLAHE, body crop, resize; (H, W) in [0, 1]."""
+    return preprocess_ct_base(hu, prep, input_size)[0]
 
 
 def ct_finish(image: Array, prep: CTPreprocessing) -> Array:
