@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from sijnode.models.checkpoint import load_model, read_spec, verify_checkpoint
-from sijnode.models.preprocess import ct_slice
+from sijnode.models.preprocess import ct_base, ct_slice
 from sijnode.models.registry import StudyInput, get_pipeline
 from sijnode.models.spec import CTPreprocessing
 from sijnode.synth import generate_dataset, write_dataset
@@ -26,7 +26,6 @@ from sijnode.training.data import load_dataset
 from sijnode.training.mr_study import prep_for
 from sijnode.training.samples import (
     annotated_iliac_boxes,
-    ct_base,
     ct_finish,
     fit_whitening,
     mr_slices,
@@ -58,12 +57,12 @@ def test_ct_training_input_is_the_nodes_ct_slice(root: Path) -> None:
     series = read_study_series(study)
     hu = series.decode(2)
     prep = CTPreprocessing()
-    base = ct_base(hu, prep, (64, 64))
+    base = ct_base(hu, prep, (64, 64))[0]
     assert np.array_equal(ct_finish(base, prep), ct_slice(hu, prep, (64, 64))[0])
     whitened = prep.model_copy(update={"whitening": fit_whitening(base[None], samples=2000)})
     assert np.allclose(ct_finish(base, whitened), ct_slice(hu, whitened, (64, 64))[0], atol=1e-5)
     cropped = CTPreprocessing(body_crop=True)
-    base = ct_base(hu, cropped, (64, 64))
+    base = ct_base(hu, cropped, (64, 64))[0]
     assert np.array_equal(ct_finish(base, cropped), ct_slice(hu, cropped, (64, 64))[0])
     assert ct_slice(hu, cropped, (64, 64))[1].region is not None
 

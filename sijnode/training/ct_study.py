@@ -388,7 +388,7 @@ def _report(
         "",
         "Protocol: Fu et al. 2024 (PROTOCOLS.md A). Slices preprocessed by the node's "
         "`ct_slice` (window, CLAHE, "
-        + ("crop to the body, " if run.config.get("body_crop") else "")
+        + ("crop to the body, " if final.preprocessing.body_crop else "")
         + "resize, ZCA whitening fitted on each split's training "
         "slices); albumentations augmentation; class balance by BCE `pos_weight`; splits by "
         f"subject. {settings['folds']}-fold stratified group cross-validation; "

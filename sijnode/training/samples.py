@@ -4,9 +4,10 @@ Every series is read and ordered by :func:`sijnode.models.series.read_series` (p
 along the slice normal: MR lower to upper pelvis), decoded by ``Series.decode`` and
 preprocessed by :mod:`sijnode.models.preprocess` and :mod:`sijnode.models.roi`:
 
-- CT (Fu et al. 2024): :func:`ct_base` is ``ct_slice`` up to the letterbox (window, CLAHE,
-  resize), :func:`ct_finish` the rest (ZCA whitening, channels, normalisation);
-  ``ct_finish(ct_base(hu))`` equals ``ct_slice(hu)``, and augmentation runs between them.
+- CT (Fu et al. 2024): ``preprocess.ct_base`` is ``ct_slice`` up to the letterbox (window,
+  CLAHE, body crop, resize), :func:`ct_finish` the rest (ZCA whitening, channels,
+  normalisation); ``ct_finish(ct_base(hu)[0])`` equals ``ct_slice(hu)[0]``, and
+  augmentation runs between them.
 - MR (Lee et al. 2021): ``mr_roi_input`` on the annotated iliac boxes with the node's ROI
   rule and the noise step seeded as at inference (study seed, position index).
 - Localiser: ``localizer_slice`` with the slice's intensity range, as ``mr.py`` calls it;
@@ -25,6 +26,7 @@ import numpy.typing as npt
 from sijnode.errors import SeriesError, TrainingDataError
 from sijnode.models.preprocess import (
     Letterbox,
+    ct_base,
     intensity_range,
     letterbox,
     localizer_slice,
@@ -34,7 +36,6 @@ from sijnode.models.preprocess import (
     to_channels,
     whiten,
 )
-from sijnode.models.preprocess import ct_base as preprocess_ct_base
 from sijnode.models.registry import StudyInput
 from sijnode.models.roi import Box, RoiBoxes, roi_boxes
 from sijnode.models.series import Series, read_series
@@ -67,11 +68,6 @@ def slice_labels_in_order(study: StudyRecord, series: Series) -> list[int]:
 
 
 # -- CT -----------------------------------------------------------------------------------
-
-
-def ct_base(hu: Array, prep: CTPreprocessing, input_size: tuple[int, int]) -> Array:
-    """``ct_slice`` up to the letterbox: window, CLAHE, body crop, resize; (H, W) in [0, 1]."""
-    return preprocess_ct_base(hu, prep, input_size)[0]
 
 
 def ct_finish(image: Array, prep: CTPreprocessing) -> Array:
@@ -152,7 +148,7 @@ def ct_slices(
     for k, study in enumerate(studies):
         series = read_study_series(study)
         for i, label in enumerate(slice_labels_in_order(study, series)):
-            images.append(ct_base(series.decode(i), prep, input_size))
+            images.append(ct_base(series.decode(i), prep, input_size)[0])
             labels.append(label)
             index.append(k)
     return CTSlices(
